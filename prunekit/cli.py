@@ -1,0 +1,301 @@
+"""``prunekit`` command line: ``prune``, ``eval`` and ``strategies``.
+
+``prune`` and ``eval`` are LightningCLI parsers (jsonargparse): every option works from YAML (``--config``),
+dotted overrides (``--strategy.sparsity 0.6``, ``--trainer.devices 2``) and ``--print_config``. Shorthands:
+``--strategy wanda`` names a registered strategy; ``--model smollm2-135m`` sets ``--model.model``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from prunekit import registry
+from prunekit.errors import PrunekitError
+
+log = logging.getLogger("prunekit")
+
+USAGE = """usage: prunekit {prune,eval,strategies} [options]
+
+  prune        calibrate, prune, evaluate and save a model   (prunekit prune --help)
+  eval         perplexity of a model or pruned folder         (prunekit eval --help)
+  strategies   list the registered pruning strategies
+
+examples:
+  prunekit prune --config configs/wanda.yaml
+  prunekit prune --config configs/wanda.yaml --strategy.sparsity 0.6 --output_dir runs/wanda-60
+  prunekit prune --strategy sparsegpt --strategy.pattern 2:4 --output_dir runs/sgpt-24
+  prunekit eval --model runs/wanda-60
+"""
+
+
+def _trainer_defaults() -> dict:
+    from prunekit.callbacks import SparsityLogger
+
+    return {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": "prunekit"}},
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "inference_mode": False,
+        "callbacks": [SparsityLogger()],
+    }
+
+
+def _rewrite_shorthands(args: list[str]) -> list[str]:
+    """``--strategy NAME`` → its class path; ``--model NAME_OR_FOLDER`` → ``--model.model``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--strategy", "--model"):
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+                i += 1
+            if key == "--strategy" and value in registry.available():
+                value = registry.class_path(value)
+            elif key == "--strategy" and "." not in value and not value.startswith("{") and value:
+                registry.get(value)  # raises: unknown strategy, lists the available ones
+            if key == "--model" and not value.endswith((".yaml", ".yml", ".json")) and not value.startswith("{"):
+                key = "--model.model"
+            out += [key, value]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class _BaseCLI(LightningCLI):
+    def __init__(self, args: list[str], **kwargs) -> None:
+        from prunekit.data import CalibrationDataModule
+        from prunekit.module import PrunableLM
+
+        super().__init__(
+            PrunableLM,
+            CalibrationDataModule,
+            args=_rewrite_shorthands(args),
+            run=False,
+            save_config_callback=None,
+            trainer_defaults=_trainer_defaults(),
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+        parser.add_argument("--output_dir", type=str | None, default=None, help="Folder for the results.")
+        parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing output folder.")
+
+    def before_instantiate_classes(self) -> None:
+        from prunekit.export import check_output_dir
+
+        if self.config.get("output_dir"):
+            check_output_dir(self.config.output_dir, self.config.overwrite, source=self.config.model.model)
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.trainer.is_global_zero
+
+
+class PruneCLI(_BaseCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        from prunekit.strategy import PruningStrategy
+
+        super().add_arguments_to_parser(parser)
+        parser.add_lightning_class_args(PruningStrategy, "strategy", subclass_mode=True, required=True)
+        parser.add_argument("--eval_dense", type=bool, default=True, help="Also evaluate the dense model first.")
+        parser.add_argument("--save_model", type=bool, default=True, help="Save the pruned model (safetensors).")
+
+    def before_instantiate_classes(self) -> None:
+        if not self.config.get("output_dir"):
+            c = self.config
+            what = c.strategy.init_args.get("pattern", "unstructured")
+            if what == "unstructured":
+                what = f"{c.strategy.init_args.get('sparsity') or 0.5:g}"
+            name = c.strategy.class_path.rsplit(".", 1)[-1].lower()
+            c.output_dir = f"runs/{Path(c.model.model).name}-{name}-{what.replace(':', 'of')}"
+        super().before_instantiate_classes()
+
+
+def _strategy_of(trainer):
+    from prunekit.strategy import PruningStrategy
+
+    found = [cb for cb in trainer.callbacks if isinstance(cb, PruningStrategy)]
+    if len(found) != 1:
+        raise PrunekitError(f"expected exactly one pruning strategy, found {len(found)}")
+    return found[0]
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = f"| {'model':<28} | {'perplexity':>10} | {'sparsity':>8} | {'non-zero / total params':>23} | {'time (s)':>8} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        params = f"{_fmt_params(r['params_nonzero'])} / {_fmt_params(r['params_total'])}"
+        t = f"{r['time_s']:.1f}" if r.get("time_s") is not None else ""
+        print(f"| {r['name']:<28} | {r['perplexity']:>10.3f} | {r['sparsity']:>8.1%} | {params:>23} | {t:>8} |")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_prune(cli: PruneCLI) -> dict:
+    """The ``prune`` job: dense eval, calibrate + prune, pruned eval, report, atomic save."""
+    from prunekit.evaluate import parameter_counts, perplexity, sparsity_report, summarize_sparsity
+    from prunekit.export import write_atomically
+
+    start = time.perf_counter()
+    trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    strategy = _strategy_of(trainer)
+    strategy.keep_statistics = strategy.keep_statistics or bool(cli.config.get("save_statistics"))
+    dm.check_model(module.model.config)
+    dense_summary = summarize_sparsity(sparsity_report(module.model))
+    result: dict = {
+        "model": module.model_name,
+        **strategy.describe(),
+        "data": {"corpus": dm.corpus, "num_samples": dm.num_samples, "seq_len": dm.seq_len,
+                 "sampling": dm.sampling, "seed": dm.seed, "eval_corpus": dm.eval_corpus,
+                 "eval_windows": int(dm.evaluation_windows().shape[0])},
+        "world_size": trainer.world_size,
+    }
+    dense = {**parameter_counts(module.model), "sparsity": dense_summary["sparsity_linear"]}
+    if cli.config.eval_dense:
+        t = time.perf_counter()
+        dense["perplexity"] = perplexity(trainer, module, dm)
+        dense["eval_s"] = time.perf_counter() - t
+    result["dense"] = dense
+
+    strategy.run(trainer, module, dm)
+    summary = summarize_sparsity(sparsity_report(module.model))
+    t = time.perf_counter()
+    pruned = {**parameter_counts(module.model), "sparsity": summary["sparsity_linear"],
+              "perplexity": perplexity(trainer, module, dm), "eval_s": time.perf_counter() - t,
+              "calibrate_prune_s": strategy.timings["prune_s"]}
+    result["pruned"] = pruned
+    result["per_layer_sparsity"] = summary["per_layer"]
+    result["per_role_sparsity"] = summary["per_role"]
+    result["wall_s"] = time.perf_counter() - start
+    result["peak_rss_mb"] = _peak_rss_mb()
+    if not trainer.is_global_zero:
+        return result
+
+    label = f"{strategy.name} ({strategy.pattern if strategy.nm else f'{strategy.sparsity:.0%}'}, {strategy.mode})"
+    rows = []
+    if "perplexity" in dense:
+        rows.append({"name": f"dense {Path(module.model_name).name}", **dense, "time_s": None})
+    rows.append({"name": label, **pruned, "time_s": pruned["calibrate_prune_s"]})
+    print()
+    print(f"calibration: {dm.corpus}, {dm.num_samples} x {dm.seq_len} tokens ({dm.sampling}); "
+          f"evaluation: {dm.eval_corpus} held-out, {result['data']['eval_windows']} x {dm.seq_len} tokens; "
+          f"processes: {trainer.world_size}")
+    _print_table(rows)
+    per_layer = " ".join(f"{i}:{v:.0%}" for i, v in summary["per_layer"].items())
+    print(f"per-layer sparsity: {per_layer}")
+    print(f"peak memory (RSS): {result['peak_rss_mb']:.0f} MB; wall time: {result['wall_s']:.1f} s")
+
+    if trainer.logger is not None:
+        flat = {"perplexity": pruned["perplexity"], "sparsity": pruned["sparsity"],
+                "params_nonzero": pruned["params_nonzero"], "calibrate_prune_s": pruned["calibrate_prune_s"]}
+        if "perplexity" in dense:
+            flat["perplexity_dense"] = dense["perplexity"]
+        trainer.logger.log_hyperparams(strategy.describe())
+        trainer.logger.log_metrics(flat)
+        trainer.logger.save()
+
+    config_text = cli.parser.dump(cli.config, skip_none=False)
+
+    def write(tmp: Path) -> None:
+        if cli.config.save_model:
+            module.model.save_pretrained(tmp, safe_serialization=True)
+            dm.tokenizer.save_pretrained(tmp)
+        (tmp / "config.yaml").write_text(config_text)
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
+        (tmp / "prunekit.json").write_text(json.dumps({"pruned_by": strategy.describe(), "source": module.model_name}, indent=2))
+        if strategy.statistics_:
+            from safetensors.torch import save_file
+
+            flat_stats = {f"{n}.{k}": v.contiguous() for n, d in strategy.statistics_.items() for k, v in d.items()}
+            save_file(flat_stats, str(tmp / "statistics.safetensors"))
+
+    out = write_atomically(cli.config.output_dir, cli.config.overwrite, write)
+    print(f"saved to {out}")
+    return result
+
+
+class EvalCLI(_BaseCLI):
+    pass
+
+
+def run_eval(cli: EvalCLI) -> dict:
+    from prunekit.evaluate import parameter_counts, perplexity, sparsity_report, summarize_sparsity
+    from prunekit.export import write_atomically
+
+    trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    dm.check_model(module.model.config)
+    t = time.perf_counter()
+    result = {"model": module.model_name, **parameter_counts(module.model),
+              "sparsity": summarize_sparsity(sparsity_report(module.model))["sparsity_linear"],
+              "perplexity": perplexity(trainer, module, dm), "eval_windows": int(dm.evaluation_windows().shape[0]),
+              "seq_len": dm.seq_len, "eval_corpus": dm.eval_corpus}
+    result["time_s"] = time.perf_counter() - t
+    if not trainer.is_global_zero:
+        return result
+    print(f"\nevaluation: {dm.eval_corpus} held-out, {result['eval_windows']} x {dm.seq_len} tokens")
+    _print_table([{"name": Path(module.model_name).name, **result}])
+    if trainer.logger is not None:
+        trainer.logger.log_metrics({"perplexity": result["perplexity"], "sparsity": result["sparsity"]})
+        trainer.logger.save()
+    if cli.config.output_dir:
+        write_atomically(cli.config.output_dir, cli.config.overwrite,
+                         lambda tmp: (tmp / "metrics.json").write_text(json.dumps(result, indent=2)))
+    return result
+
+
+def list_strategies() -> None:
+    strategies = registry.available()
+    width = max((len(n) for n in strategies), default=4)
+    for name, info in strategies.items():
+        print(f"{name:<{width}}  {info.description()}  [{info.distribution}]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "strategies":
+            list_strategies()
+        elif command == "prune":
+            run_prune(PruneCLI(rest))
+        elif command == "eval":
+            run_eval(EvalCLI(rest))
+        else:
+            print(f"prunekit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+    except PrunekitError as e:
+        print(f"prunekit {command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Calibration and evaluation corpora, and the DataModule that serves them as token windows.
+
+Corpora are registered by name (``register_corpus``; third parties may also use the entry-point group
+``prunekit.corpora``). A corpus returns documents for a split, ``"calibration"`` or ``"evaluation"``; the two
+splits never share a document.
+
+``wiki``: the English Wikipedia article dump that ships in gensim's wheel (test data
+``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``, 206 pages). Articles are extracted
+with gensim's ``extract_pages`` + ``filter_wiki`` (markup removed), redirects and pages under 500 characters
+are dropped, and an article goes to the evaluation split when ``crc32(title) % 5 == 0`` (about 20%),
+otherwise to calibration. The rule depends on the title only, so it is stable across machines and versions.
+
+``text``: local ``.txt`` files (one document per file) or ``.jsonl`` files (one document per line, field
+``text_field``), read with Hugging Face ``datasets``.
+
+Windows: documents of a split are joined with blank lines and tokenized once; ``contiguous`` takes the first
+``num_samples`` non-overlapping windows of ``seq_len`` tokens, ``random`` takes ``num_samples`` distinct
+non-overlapping window slots chosen with ``seed`` (the Wanda/SparseGPT references draw random offsets from
+random C4 documents, possibly overlapping; we keep windows disjoint so no token is counted twice).
+"""
+
+from __future__ import annotations
+
+import bz2
+import re
+import zlib
+from collections.abc import Callable
+from functools import lru_cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunekit.errors import PrunekitError
+
+Split = Literal["calibration", "evaluation"]
+CorpusFn = Callable[..., list[str]]
+_CORPORA: dict[str, CorpusFn] = {}
+
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_MIN_CHARS = 500
+WIKI_EVAL_MODULUS = 5
+
+
+def register_corpus(name: str) -> Callable[[CorpusFn], CorpusFn]:
+    """Register ``fn(split, **options) -> list[str]`` under ``name``."""
+
+    def wrap(fn: CorpusFn) -> CorpusFn:
+        _CORPORA[name] = fn
+        return fn
+
+    return wrap
+
+
+def corpora() -> dict[str, CorpusFn]:
+    for ep in entry_points(group="prunekit.corpora"):
+        _CORPORA.setdefault(ep.name, ep.load())
+    return dict(_CORPORA)
+
+
+def documents(corpus: str, split: Split, **options) -> list[str]:
+    available = corpora()
+    if corpus not in available:
+        raise PrunekitError(f"unknown corpus {corpus!r}; available corpora: {', '.join(sorted(available))}")
+    docs = [d for d in available[corpus](split, **options) if d.strip()]
+    if not docs:
+        raise PrunekitError(f"corpus {corpus!r} has no documents in its {split} split")
+    return docs
+
+
+def _clean_wiki(text: str) -> str:
+    text = re.sub(r"'{2,}", "", text)  # bold/italic quotes left by filter_wiki
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+@lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str], ...]:
+    """(title, text) of every kept article of the dump, in dump order."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    from gensim.test.utils import datapath
+
+    path = Path(datapath(WIKI_DUMP))
+    if not path.is_file():
+        raise PrunekitError(f"the Wikipedia dump {path} is missing: reinstall gensim (pip install gensim==4.4.0)")
+    articles = []
+    with bz2.BZ2File(path) as fh:
+        for title, raw, _pageid in extract_pages(fh, filter_namespaces=("0",)):
+            if raw.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            text = _clean_wiki(filter_wiki(raw))
+            if len(text) >= WIKI_MIN_CHARS:
+                articles.append((title, text))
+    return tuple(articles)
+
+
+def wiki_split_of(title: str) -> Split:
+    return "evaluation" if zlib.crc32(title.encode("utf-8")) % WIKI_EVAL_MODULUS == 0 else "calibration"
+
+
+@register_corpus("wiki")
+def wiki(split: Split) -> list[str]:
+    return [text for title, text in wiki_articles() if wiki_split_of(title) == split]
+
+
+@register_corpus("text")
+def text_files(split: Split, paths: list[str] | None = None, text_field: str = "text") -> list[str]:
+    """Local files; ``paths`` are the files of the requested split."""
+    if not paths:
+        raise PrunekitError(f"corpus 'text' needs file paths for its {split} split (--data.paths / --data.eval_paths)")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise PrunekitError(f"text corpus files not found: {missing}")
+    import datasets
+
+    kinds = {Path(p).suffix for p in paths}
+    if kinds <= {".txt"}:
+        ds = datasets.load_dataset("text", data_files=list(paths), sample_by="document", split="train")
+        return list(ds["text"])
+    if kinds <= {".jsonl", ".json"}:
+        ds = datasets.load_dataset("json", data_files=list(paths), split="train")
+        if text_field not in ds.column_names:
+            raise PrunekitError(f"{paths}: no field {text_field!r}; fields are {ds.column_names} (set --data.text_field)")
+        return [str(t) for t in ds[text_field]]
+    raise PrunekitError(f"text corpus files must all be .txt or all .jsonl, got {sorted(kinds)}")
+
+
+def token_windows(ids: torch.Tensor, seq_len: int, num: int, sampling: str, seed: int, what: str) -> torch.Tensor:
+    """``num`` disjoint windows of ``seq_len`` tokens from a 1-D token stream (``num`` 0 = all of them)."""
+    available = ids.numel() // seq_len
+    if available == 0 or available < num:
+        raise PrunekitError(
+            f"{what} has {ids.numel()} tokens = {available} windows of {seq_len} tokens, but {num} are needed; "
+            "lower num_samples/eval_samples or seq_len, or give a larger corpus"
+        )
+    slots = ids[: available * seq_len].view(available, seq_len)
+    count = num or available
+    if sampling == "contiguous":
+        return slots[:count].clone()
+    if sampling == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return slots[torch.randperm(available, generator=gen)[:count]].clone()
+    raise PrunekitError(f"sampling must be 'contiguous' or 'random', got {sampling!r}")
+
+
+class CalibrationDataModule(pl.LightningDataModule):
+    """Token windows for calibration (``predict_dataloader``) and held-out evaluation (``eval_dataloader``).
+
+    Args:
+        tokenizer: model name or folder whose tokenizer is used (linked to ``--model.model`` by the CLI).
+        corpus: calibration corpus name (``wiki``, ``text`` or a registered one).
+        paths: files for the ``text`` corpus' calibration split.
+        num_samples: number of calibration windows.
+        seq_len: tokens per window; checked against the model's maximum (never defaults to it).
+        sampling: ``contiguous`` or ``random`` (seeded by ``seed``).
+        eval_corpus / eval_paths: held-out evaluation text (default: wiki's evaluation articles).
+        eval_samples: number of evaluation windows (0 = every window of the split).
+        batch_size: windows per forward pass.
+        text_field: field holding the text in ``.jsonl`` files.
+        corpus_options: extra keyword options passed to a registered corpus function.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        corpus: str = "wiki",
+        paths: list[str] | None = None,
+        num_samples: int = 32,
+        seq_len: int = 512,
+        sampling: Literal["contiguous", "random"] = "contiguous",
+        seed: int = 0,
+        eval_corpus: str = "wiki",
+        eval_paths: list[str] | None = None,
+        eval_samples: int = 40,
+        batch_size: int = 1,
+        text_field: str = "text",
+        corpus_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("num_samples", num_samples, 1), ("seq_len", seq_len, 2),
+                                 ("eval_samples", eval_samples, 0), ("batch_size", batch_size, 1)):
+            if value < low:
+                raise PrunekitError(f"data.{name} must be >= {low}, got {value}")
+        if sampling not in ("contiguous", "random"):
+            raise PrunekitError(f"data.sampling must be 'contiguous' or 'random', got {sampling!r}")
+        self.tokenizer_name = tokenizer
+        self.corpus, self.paths, self.num_samples, self.seq_len = corpus, paths, num_samples, seq_len
+        self.sampling, self.seed = sampling, seed
+        self.eval_corpus, self.eval_paths, self.eval_samples = eval_corpus, eval_paths, eval_samples
+        self.batch_size, self.text_field = batch_size, text_field
+        self.corpus_options = corpus_options or {}
+        self._tokenizer = None
+        self._calibration: torch.Tensor | None = None
+        self._evaluation: torch.Tensor | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not self.tokenizer_name:
+                raise PrunekitError("CalibrationDataModule needs a tokenizer (a model name or folder)")
+            from prunekit.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def check_model(self, config) -> None:
+        """Refuse a ``seq_len`` longer than the model accepts."""
+        from prunekit.models import max_length
+
+        limit = max_length(config)
+        if limit is not None and self.seq_len > limit:
+            raise PrunekitError(f"data.seq_len={self.seq_len} exceeds the model's maximum length {limit}; lower it")
+
+    def _options(self, corpus: str, paths: list[str] | None) -> dict:
+        options = dict(self.corpus_options) if corpus not in ("wiki", "text") else {}
+        if corpus == "text":
+            options = {"paths": paths, "text_field": self.text_field}
+        return options
+
+    def _tokens(self, corpus: str, split: Split, paths: list[str] | None) -> torch.Tensor:
+        docs = documents(corpus, split, **self._options(corpus, paths))
+        ids = self.tokenizer("\n\n".join(docs), return_attention_mask=False, verbose=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def calibration_windows(self) -> torch.Tensor:
+        if self._calibration is None:
+            ids = self._tokens(self.corpus, "calibration", self.paths)
+            what = f"calibration corpus {self.corpus!r}"
+            self._calibration = token_windows(ids, self.seq_len, self.num_samples, self.sampling, self.seed, what)
+        return self._calibration
+
+    def evaluation_windows(self) -> torch.Tensor:
+        if self._evaluation is None:
+            ids = self._tokens(self.eval_corpus, "evaluation", self.eval_paths)
+            what = f"evaluation corpus {self.eval_corpus!r}"
+            self._evaluation = token_windows(ids, self.seq_len, self.eval_samples, "contiguous", 0, what)
+        return self._evaluation
+
+    def _loader(self, windows: torch.Tensor) -> DataLoader:
+        return DataLoader(TensorDataset(windows), batch_size=self.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.calibration_windows())
+
+    def eval_dataloader(self) -> DataLoader:
+        return self._loader(self.evaluation_windows())

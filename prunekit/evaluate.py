@@ -1,0 +1,62 @@
+"""Evaluation of a (pruned) model: perplexity on held-out windows, parameter counts, sparsity report."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from prunekit.arch import adapter_for
+
+
+def perplexity(trainer: pl.Trainer, pl_module, datamodule) -> float:
+    """Perplexity over the datamodule's evaluation windows (exp of the mean next-token NLL).
+
+    Every window is scored by exactly one process; torchmetrics sums log-probabilities and counts across
+    processes in ``compute``.
+    """
+    previous = pl_module.phase
+    pl_module.phase = "evaluate"
+    pl_module.perplexity.reset()
+    try:
+        trainer.predict(pl_module, dataloaders=datamodule.eval_dataloader(), return_predictions=False)
+        return float(pl_module.perplexity.compute())
+    finally:
+        pl_module.phase = previous
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total parameters (shared tensors counted once) and how many are non-zero."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+    return {"params_total": total, "params_nonzero": nonzero}
+
+
+def sparsity_report(model: torch.nn.Module) -> list[dict]:
+    """Fraction of zero weights per decoder layer and projection role."""
+    rows = []
+    for ref in adapter_for(model).linears(model):
+        w = ref.weight
+        rows.append({"layer": ref.layer, "role": ref.role, "name": ref.name, "numel": w.numel(),
+                     "zeros": int(w.numel() - torch.count_nonzero(w))})
+    return rows
+
+
+def summarize_sparsity(rows: list[dict]) -> dict:
+    """Overall and per-layer sparsity of the decoder projections."""
+    layers: dict[int, list[int]] = {}
+    for r in rows:
+        z, n = layers.setdefault(r["layer"], [0, 0]), r["numel"]
+        z[0] += r["zeros"]
+        z[1] += n
+    total_zero = sum(v[0] for v in layers.values())
+    total = sum(v[1] for v in layers.values())
+    return {
+        "sparsity_linear": total_zero / max(total, 1),
+        "per_layer": {i: z / n for i, (z, n) in sorted(layers.items())},
+        "per_role": {
+            role: sum(r["zeros"] for r in rows if r["role"] == role) / sum(r["numel"] for r in rows if r["role"] == role)
+            for role in dict.fromkeys(r["role"] for r in rows)
+        },
+    }

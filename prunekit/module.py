@@ -1,0 +1,52 @@
+"""PrunableLM: the LightningModule around a Hugging Face causal LM.
+
+Its predict step serves two phases: ``calibrate`` (a forward pass that strategies observe through hooks)
+and ``evaluate`` (perplexity on held-out windows, accumulated in a torchmetrics ``Perplexity`` whose state
+is synchronised across processes on ``compute``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics.text import Perplexity
+
+from prunekit.models import DEFAULT_MODEL, load_model
+from prunekit.strategy import StopForward
+
+
+class PrunableLM(pl.LightningModule):
+    """A causal LM to calibrate, prune and evaluate.
+
+    Args:
+        model: zoo name (``smollm2-135m``), local Hugging Face folder, or hub id.
+        dtype: weights' dtype while pruning (``float32`` recommended on CPU).
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_name = model
+        self.model = load_model(model, dtype)
+        self.phase: str = "calibrate"
+        self.perplexity = Perplexity()
+        self.pruned_by: dict | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def predict_step(self, batch, batch_idx: int) -> None:
+        input_ids = batch[0] if isinstance(batch, (list, tuple)) else batch["input_ids"]
+        if self.phase == "calibrate":
+            try:
+                self.model(input_ids=input_ids, use_cache=False)
+            except StopForward:
+                pass
+        elif self.phase == "evaluate":
+            logits = self(input_ids)
+            self.perplexity.update(logits[:, :-1].float(), input_ids[:, 1:])
+        else:
+            raise RuntimeError(f"unknown phase {self.phase!r}")
+        return None

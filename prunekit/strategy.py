@@ -1,0 +1,278 @@
+"""The pruning strategy API: a method is a Lightning callback that declares statistics and prunes linears.
+
+Flow of one pruning run (``PruningStrategy.run``):
+
+1. ``trainer.predict`` over the calibration windows (Lightning's unrepeated distributed sampler, so each
+   window is seen by exactly one process). Forward hooks fill float64 statistics (``prunekit.stats``).
+2. On predict end the statistics are reduced across processes through ``trainer.strategy``; the method
+   scores each weight and selects the pruned ones (pure functions in the strategy modules); zeros are applied.
+
+``mode="all-at-once"`` calibrates every layer in one pass over the dense model. ``mode="sequential"`` (the
+Wanda/SparseGPT references' default) catches the inputs of decoder layer 0, then for each layer in turn:
+collects statistics on the current inputs, prunes the layer, and recomputes its outputs with the pruned
+weights, which become the next layer's inputs. Peak extra memory is one layer's activations for the local
+calibration windows.
+
+A subclass sets ``statistics`` (what it needs per linear input) and implements ``prune_linear``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.arch import LinearRef, adapter_for, select_linears
+from prunekit.errors import PrunekitError
+from prunekit.masks import check_nm, parse_pattern
+from prunekit.stats import Statistic, check_finite
+
+
+class StopForward(Exception):
+    """Raised by the layer-0 catcher once the inputs of the first decoder layer are recorded."""
+
+
+class _Collector:
+    """Forward hooks that feed each selected linear's input into its statistics.
+
+    Linears that read the same tensor (q/k/v, gate/up) share one set of statistics, computed once.
+    """
+
+    def __init__(self, refs: Iterable[LinearRef], kinds: dict[str, type[Statistic]]) -> None:
+        self.stats: dict[str, dict[str, Statistic]] = {}  # linear name -> {stat name: Statistic}
+        self._handles = []
+        shared: dict[tuple[int, str], dict[str, Statistic]] = {}
+        for ref in refs:
+            key = (ref.layer, _input_key(ref.role))
+            if key not in shared:
+                shared[key] = {name: kind(ref.in_features) for name, kind in kinds.items()}
+                self._handles.append(ref.module.register_forward_hook(self._hook(ref.name, shared[key])))
+            self.stats[ref.name] = shared[key]
+
+    @staticmethod
+    def _hook(name: str, stats: dict[str, Statistic]):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0]
+            check_finite(x, name)
+            for stat in stats.values():
+                stat.update(x)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def unique(self) -> list[Statistic]:
+        seen, out = set(), []
+        for group in self.stats.values():
+            for stat in group.values():
+                if id(stat) not in seen:
+                    seen.add(id(stat))
+                    out.append(stat)
+        return out
+
+
+def _input_key(role: str) -> str:
+    return {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}.get(role, role)
+
+
+class PruningStrategy(pl.Callback):
+    """Base class of every pruning method.
+
+    Args:
+        sparsity: fraction of each selected weight matrix to prune, in [0, 1). Implied by an N:M pattern.
+        pattern: ``"unstructured"`` or ``"N:M"`` (N weights kept in every M consecutive inputs, e.g. ``2:4``).
+        mode: ``"sequential"`` (layer by layer on the pruned model's activations) or ``"all-at-once"``.
+        modules: which projections to prune: ``"attn"``, ``"mlp"`` or roles (q, k, v, qkv, o, gate, up, down,
+            fc1, fc2). Embeddings and the LM head are never pruned.
+        layers: decoder layer indices to prune (default: all).
+        keep_statistics: keep the reduced statistics in ``self.statistics_`` (to save or inspect them).
+    """
+
+    name: ClassVar[str] = "base"
+    statistics: ClassVar[dict[str, type[Statistic]]] = {}
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        pattern: str = "unstructured",
+        mode: Literal["sequential", "all-at-once"] = "sequential",
+        modules: list[str] | None = None,
+        layers: list[int] | None = None,
+        keep_statistics: bool = False,
+    ) -> None:
+        super().__init__()
+        self.nm = parse_pattern(pattern)
+        if self.nm is not None:
+            implied = 1 - self.nm[0] / self.nm[1]
+            if sparsity is not None and abs(sparsity - implied) > 1e-9:
+                raise PrunekitError(
+                    f"sparsity={sparsity} contradicts pattern {pattern!r} (which prunes {implied:.3g}); drop one"
+                )
+            sparsity = implied
+        elif sparsity is None:
+            sparsity = 0.5
+        if not 0 <= sparsity < 1:
+            raise PrunekitError(f"sparsity must be in [0, 1), got {sparsity}")
+        if mode not in ("sequential", "all-at-once"):
+            raise PrunekitError(f"mode must be 'sequential' or 'all-at-once', got {mode!r}")
+        self.sparsity, self.pattern, self.mode = float(sparsity), pattern, mode
+        self.modules = list(modules) if modules else ["attn", "mlp"]
+        self.layers = layers
+        self.keep_statistics = keep_statistics
+        self.statistics_: dict[str, dict[str, torch.Tensor]] = {}
+        self.pruned = False
+        self.timings: dict[str, float] = {}
+        self._collector: _Collector | None = None
+        self._cache: list[list[Any]] = []  # sequential: [args, kwargs] of layer 0 per local batch
+        self._catcher = None
+
+    # ----------------------------------------------------------------------------- method interface
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.statistics)
+
+    def prune_linear(self, ref: LinearRef, stats: dict[str, Statistic]) -> torch.Tensor:
+        """Return the bool mask (True = pruned) of ``ref``'s (out, in) weight; may also update the weight."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "sparsity": self.sparsity, "pattern": self.pattern, "mode": self.mode,
+                "modules": self.modules, "layers": self.layers}
+
+    # ----------------------------------------------------------------------------- driver
+    def targets(self, model: nn.Module) -> list[LinearRef]:
+        refs = select_linears(model, self.modules, self.layers)
+        if self.nm is not None:
+            for ref in refs:
+                check_nm(ref.in_features, self.nm, ref.name)
+        return refs
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule=None) -> None:
+        """Calibrate (if the method needs data) and prune ``pl_module.model`` in place."""
+        if self.pruned:
+            raise PrunekitError(f"strategy {self.name} has already pruned this model")
+        self.targets(pl_module.model)  # validate before any work
+        start = time.perf_counter()
+        if self.needs_calibration:
+            if datamodule is None:
+                raise PrunekitError(f"strategy {self.name} needs calibration data")
+            pl_module.phase = "calibrate"
+            trainer.predict(pl_module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
+        else:
+            self._prune_refs(trainer, pl_module, self.targets(pl_module.model), {})
+            self._finish(trainer, pl_module)
+        self.timings["prune_s"] = time.perf_counter() - start
+        if not self.pruned:
+            raise PrunekitError("calibration ended without pruning (was the strategy attached to the trainer?)")
+
+    # ----------------------------------------------------------------------------- Lightning hooks
+    def _active(self, pl_module) -> bool:
+        return getattr(pl_module, "phase", None) == "calibrate" and not self.pruned and self.needs_calibration
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(pl_module):
+            return
+        model = pl_module.model
+        if self.mode == "all-at-once":
+            self._collector = _Collector(self.targets(model), self.statistics)
+        else:
+            self._cache = []
+            first = adapter_for(model).layers(model)[0]
+
+            def catch(module, args, kwargs):
+                self._cache.append([_detached(args), _detached(kwargs)])
+                raise StopForward
+
+            self._catcher = first.register_forward_pre_hook(catch, with_kwargs=True)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(pl_module):
+            return
+        if self.mode == "all-at-once":
+            collector, self._collector = self._collector, None
+            collector.remove()
+            self._reduce(trainer, collector)
+            self._prune_refs(trainer, pl_module, self.targets(pl_module.model), collector.stats)
+        else:
+            self._catcher.remove()
+            self._sequential(trainer, pl_module)
+        self._finish(trainer, pl_module)
+
+    # ----------------------------------------------------------------------------- internals
+    def _reduce(self, trainer: pl.Trainer, collector: _Collector) -> None:
+        strategy = trainer.strategy
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(t.clone(), reduce_op="sum") if trainer.world_size > 1 else t
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return strategy.all_gather(t) if trainer.world_size > 1 else t.unsqueeze(0)
+
+        for stat in collector.unique():
+            stat.reduce(reduce_sum, gather)
+        if self.keep_statistics:
+            for name, group in collector.stats.items():
+                self.statistics_[name] = {f"{k}.{t}": v.clone() for k, s in group.items() for t, v in s.tensors().items()}
+
+    def _prune_refs(self, trainer, pl_module, refs: list[LinearRef], stats: dict[str, dict[str, Statistic]]) -> None:
+        for ref in refs:
+            mask = self.prune_linear(ref, stats.get(ref.name, {}))
+            ref.weight[mask.to(ref.weight.device)] = 0
+
+    def _sequential(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        layers = adapter_for(model).layers(model)
+        by_layer: dict[int, list[LinearRef]] = {}
+        for ref in self.targets(model):
+            by_layer.setdefault(ref.layer, []).append(ref)
+        bar = tqdm(range(len(layers)), desc=f"{self.name}: layers", disable=not trainer.is_global_zero, leave=False)
+        for i in bar:
+            layer = layers[i]
+            refs = by_layer.get(i, [])
+            if refs:
+                collector = _Collector(refs, self.statistics)
+                try:
+                    for args, kwargs in self._cache:
+                        layer(*args, **kwargs)
+                finally:
+                    collector.remove()
+                self._reduce(trainer, collector)
+                self._prune_refs(trainer, pl_module, refs, collector.stats)
+            for entry in self._cache:  # outputs of the (pruned) layer feed the next one
+                args, kwargs = entry
+                out = layer(*args, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+                if args:
+                    entry[0] = (hidden, *args[1:])
+                else:
+                    kwargs["hidden_states"] = hidden
+        self._cache = []
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.pruned = True
+        pl_module.pruned_by = self.describe()
+        for cb in trainer.callbacks:
+            hook = getattr(cb, "on_pruning_end", None)
+            if callable(hook):
+                hook(trainer, pl_module, self)
+
+
+def _detached(obj: Any) -> Any:
+    """Detach tensors (and tensors inside tuples/dicts) so cached layer inputs hold no graph."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detached(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detached(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,1 @@
+"""Built-in pruning strategies (importable as ``prunekit.strategies``; registered through entry points)."""
