@@ -116,6 +116,8 @@ class PruneCLI(_BaseCLI):
         parser.add_lightning_class_args(PruningStrategy, "strategy", subclass_mode=True, required=True)
         parser.add_argument("--eval_dense", type=bool, default=True, help="Also evaluate the dense model first.")
         parser.add_argument("--save_model", type=bool, default=True, help="Save the pruned model (safetensors).")
+        parser.add_argument("--save_statistics", type=bool, default=False,
+                            help="Save the reduced calibration statistics to statistics.safetensors.")
 
     def before_instantiate_classes(self) -> None:
         if not self.config.get("output_dir"):
@@ -151,6 +153,20 @@ def _print_table(rows: list[dict]) -> None:
         print(f"| {r['name']:<28} | {r['perplexity']:>10.3f} | {r['sparsity']:>8.1%} | {params:>23} | {t:>8} |")
 
 
+def _log_and_close(trainer, metrics: dict, hparams: dict | None = None) -> None:
+    """Log final metrics (rank 0) and close the logger, so W&B writes its run summary even offline."""
+    logger = trainer.logger
+    if logger is None:
+        return
+    if hparams:
+        logger.log_hyperparams(hparams)
+    logger.log_metrics(metrics)
+    logger.finalize("success")
+    run = getattr(logger, "_experiment", None)  # WandbLogger's run, if one was started
+    if run is not None and callable(getattr(run, "finish", None)):
+        run.finish()
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -163,8 +179,13 @@ def run_prune(cli: PruneCLI) -> dict:
     start = time.perf_counter()
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     strategy = _strategy_of(trainer)
-    strategy.keep_statistics = strategy.keep_statistics or bool(cli.config.get("save_statistics"))
+    strategy.keep_statistics = strategy.keep_statistics or cli.config.save_statistics
+    # Validate everything cheap before the expensive passes: targets, N:M widths, both corpora.
     dm.check_model(module.model.config)
+    strategy.targets(module.model)
+    if strategy.needs_calibration:
+        dm.calibration_windows()
+    dm.evaluation_windows()
     dense_summary = summarize_sparsity(sparsity_report(module.model))
     result: dict = {
         "model": module.model_name,
@@ -209,14 +230,11 @@ def run_prune(cli: PruneCLI) -> dict:
     print(f"per-layer sparsity: {per_layer}")
     print(f"peak memory (RSS): {result['peak_rss_mb']:.0f} MB; wall time: {result['wall_s']:.1f} s")
 
-    if trainer.logger is not None:
-        flat = {"perplexity": pruned["perplexity"], "sparsity": pruned["sparsity"],
-                "params_nonzero": pruned["params_nonzero"], "calibrate_prune_s": pruned["calibrate_prune_s"]}
-        if "perplexity" in dense:
-            flat["perplexity_dense"] = dense["perplexity"]
-        trainer.logger.log_hyperparams(strategy.describe())
-        trainer.logger.log_metrics(flat)
-        trainer.logger.save()
+    flat = {"perplexity": pruned["perplexity"], "sparsity": pruned["sparsity"],
+            "params_nonzero": pruned["params_nonzero"], "calibrate_prune_s": pruned["calibrate_prune_s"]}
+    if "perplexity" in dense:
+        flat["perplexity_dense"] = dense["perplexity"]
+    _log_and_close(trainer, flat, strategy.describe())
 
     config_text = cli.parser.dump(cli.config, skip_none=False)
 
@@ -258,9 +276,7 @@ def run_eval(cli: EvalCLI) -> dict:
         return result
     print(f"\nevaluation: {dm.eval_corpus} held-out, {result['eval_windows']} x {dm.seq_len} tokens")
     _print_table([{"name": Path(module.model_name).name, **result}])
-    if trainer.logger is not None:
-        trainer.logger.log_metrics({"perplexity": result["perplexity"], "sparsity": result["sparsity"]})
-        trainer.logger.save()
+    _log_and_close(trainer, {"perplexity": result["perplexity"], "sparsity": result["sparsity"]})
     if cli.config.output_dir:
         write_atomically(cli.config.output_dir, cli.config.overwrite,
                          lambda tmp: (tmp / "metrics.json").write_text(json.dumps(result, indent=2)))
@@ -277,6 +293,9 @@ def list_strategies() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from prunekit._quiet import quiet
+
+    quiet()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -291,10 +310,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"prunekit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
-    except PrunekitError as e:
-        print(f"prunekit {command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - bad input arrives wrapped by jsonargparse/Lightning
+        cause = _prunekit_cause(e)
+        if cause is None:
+            raise
+        print(f"prunekit {command}: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _prunekit_cause(e: BaseException | None) -> PrunekitError | None:
+    """The PrunekitError behind ``e`` (jsonargparse wraps errors raised while instantiating classes)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, PrunekitError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":
