@@ -1,0 +1,54 @@
+"""Two CPU processes (DDP, gloo) give the same statistics and masks as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _prune(model: Path, out: Path, strategy: list[str], processes: int) -> None:
+    args = [str(Path(sys.executable).with_name("prunekit")), "prune", "--model", str(model), *strategy,
+            "--data.seq_len", "64", "--data.num_samples", "7", "--data.eval_samples", "3",
+            "--save_statistics", "true", "--output_dir", str(out)]
+    if processes > 1:
+        args += ["--trainer.strategy", "ddp", "--trainer.devices", str(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(args, capture_output=True, text=True, cwd=out.parent, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [["--strategy", "wanda"], ["--strategy", "sparsegpt", "--strategy.mode", "all-at-once"]],
+    ids=["wanda-sequential", "sparsegpt-all-at-once"],
+)
+def test_two_processes_equal_one(tiny_llama, tmp_path, strategy):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _prune(tiny_llama, one, strategy, 1)
+    _prune(tiny_llama, two, strategy, 2)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+
+    s1, s2 = load_file(str(one / "statistics.safetensors")), load_file(str(two / "statistics.safetensors"))
+    assert s1.keys() == s2.keys() and len(s1) > 0
+    for key in s1:
+        if key.endswith(".count"):  # 7 windows of 64 tokens, each counted exactly once across processes
+            assert s1[key].item() == s2[key].item() == 7 * 64, key
+        # float64 sums differ only by summation order: compare relative to the statistic's scale
+        scale = s1[key].abs().max().clamp(min=1e-300)
+        assert ((s2[key] - s1[key]).abs().max() / scale).item() < 1e-12, key
+
+    w1, w2 = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    for key in w1:
+        assert torch.equal(w1[key] == 0, w2[key] == 0), f"mask differs: {key}"
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert m2["pruned"]["perplexity"] == pytest.approx(m1["pruned"]["perplexity"], rel=1e-5)
