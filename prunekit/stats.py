@@ -114,7 +114,8 @@ class ChannelMoments(Statistic):
         return {"mean": self.mean, "m2": self.m2, "count": self.count}
 
     def reduce(self, reduce_sum: Reducer, gather: Gatherer) -> None:
-        counts, means, m2s = gather(self.count), gather(self.mean), gather(self.m2)
+        # clone: a one-process "gather" may return views of the live state, which is zeroed next
+        counts, means, m2s = (gather(t).clone() for t in (self.count, self.mean, self.m2))
         self.count.zero_(), self.mean.zero_(), self.m2.zero_()
         for n_b, mean_b, m2_b in zip(counts, means, m2s):  # rank order: the same result on every rank
             self._merge(n_b, mean_b, m2_b)

@@ -8,7 +8,8 @@ Flow of one pruning run (``PruningStrategy.run``):
    scores each weight and selects the pruned ones (pure functions in the strategy modules); zeros are applied.
 
 ``mode="all-at-once"`` calibrates every layer in one pass over the dense model. ``mode="sequential"`` (the
-Wanda/SparseGPT references' default) catches the inputs of decoder layer 0, then for each layer in turn:
+Wanda/SparseGPT references' default) catches the inputs of decoder layer 0 (and every layer's own
+arguments, such as attention masks and rotary embeddings), then for each layer in turn:
 collects statistics on the current inputs, prunes the layer, and recomputes its outputs with the pruned
 weights, which become the next layer's inputs. Peak extra memory is one layer's activations for the local
 calibration windows.
@@ -131,8 +132,7 @@ class PruningStrategy(pl.Callback):
         self.pruned = False
         self.timings: dict[str, float] = {}
         self._collector: _Collector | None = None
-        self._cache: list[list[Any]] = []  # sequential: [args, kwargs] of layer 0 per local batch
-        self._catcher = None
+        self._catcher: _LayerInputCatcher | None = None
 
     # ----------------------------------------------------------------------------- method interface
     @property
@@ -184,14 +184,7 @@ class PruningStrategy(pl.Callback):
         if self.mode == "all-at-once":
             self._collector = _Collector(self.targets(model), self.statistics)
         else:
-            self._cache = []
-            first = adapter_for(model).layers(model)[0]
-
-            def catch(module, args, kwargs):
-                self._cache.append([_detached(args), _detached(kwargs)])
-                raise StopForward
-
-            self._catcher = first.register_forward_pre_hook(catch, with_kwargs=True)
+            self._catcher = _LayerInputCatcher(adapter_for(model).layers(model))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(pl_module):
@@ -202,9 +195,19 @@ class PruningStrategy(pl.Callback):
             self._reduce(trainer, collector)
             self._prune_refs(trainer, pl_module, self.targets(pl_module.model), collector.stats)
         else:
-            self._catcher.remove()
-            self._sequential(trainer, pl_module)
+            catcher, self._catcher = self._catcher, None
+            catcher.remove()
+            self._sequential(trainer, pl_module, catcher)
         self._finish(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Leave the model as it was: remove hooks and restore layer forwards."""
+        if self._collector is not None:
+            self._collector.remove()
+            self._collector = None
+        if self._catcher is not None:
+            self._catcher.remove()
+            self._catcher = None
 
     # ----------------------------------------------------------------------------- internals
     def _reduce(self, trainer: pl.Trainer, collector: _Collector) -> None:
@@ -227,34 +230,29 @@ class PruningStrategy(pl.Callback):
             mask = self.prune_linear(ref, stats.get(ref.name, {}))
             ref.weight[mask.to(ref.weight.device)] = 0
 
-    def _sequential(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _sequential(self, trainer: pl.Trainer, pl_module: pl.LightningModule, catcher: "_LayerInputCatcher") -> None:
         model = pl_module.model
         layers = adapter_for(model).layers(model)
         by_layer: dict[int, list[LinearRef]] = {}
         for ref in self.targets(model):
             by_layer.setdefault(ref.layer, []).append(ref)
+        hidden = catcher.hidden  # per local batch: the current layer's input hidden states
         bar = tqdm(range(len(layers)), desc=f"{self.name}: layers", disable=not trainer.is_global_zero, leave=False)
         for i in bar:
-            layer = layers[i]
+            layer, calls = layers[i], catcher.calls[i]  # calls: this layer's own (args, kwargs) per batch
             refs = by_layer.get(i, [])
             if refs:
                 collector = _Collector(refs, self.statistics)
                 try:
-                    for args, kwargs in self._cache:
-                        layer(*args, **kwargs)
+                    for h, (args, kwargs) in zip(hidden, calls):
+                        _call_layer(layer, h, args, kwargs)
                 finally:
                     collector.remove()
                 self._reduce(trainer, collector)
                 self._prune_refs(trainer, pl_module, refs, collector.stats)
-            for entry in self._cache:  # outputs of the (pruned) layer feed the next one
-                args, kwargs = entry
-                out = layer(*args, **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
-                if args:
-                    entry[0] = (hidden, *args[1:])
-                else:
-                    kwargs["hidden_states"] = hidden
-        self._cache = []
+            # outputs of the (pruned) layer feed the next one
+            hidden = [_call_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, calls)]
+            catcher.calls[i] = []
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruned = True
@@ -263,6 +261,58 @@ class PruningStrategy(pl.Callback):
             hook = getattr(cb, "on_pruning_end", None)
             if callable(hook):
                 hook(trainer, pl_module, self)
+
+
+class _LayerInputCatcher:
+    """Records, per calibration batch, the hidden states entering layer 0 and each layer's own arguments.
+
+    Models compute per-layer keyword arguments (Gemma 3 gives sliding and full attention layers their own
+    mask and rotary embeddings), so each layer's arguments are recorded as the model passes them. Layer 0 runs
+    for real; later layers are replaced by pass-throughs while catching (their inputs are recomputed layer by
+    layer later), and the last one stops the forward, so the catch pass costs about one layer of compute.
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.hidden: list[torch.Tensor] = []
+        self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+        self._returns_tuple = False
+        self._handles = [layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True)
+                         for i, layer in enumerate(layers)]
+        self._handles.append(layers[0].register_forward_hook(self._note_output_type))
+        for layer in list(layers)[1:]:
+            layer.forward = self._pass_through  # instance attribute shadows the class's forward
+
+    def _pre_hook(self, index: int):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                self.hidden.append(h.detach())
+            rest = (None, *args[1:]) if args else ()
+            self.calls[index].append((_detached(rest), _detached({k: v for k, v in kwargs.items() if k != "hidden_states"})))
+            if index == len(self.layers) - 1:
+                raise StopForward
+        return hook
+
+    def _note_output_type(self, module, args, output) -> None:
+        self._returns_tuple = isinstance(output, tuple)
+
+    def _pass_through(self, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if self._returns_tuple else h
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for layer in list(self.layers)[1:]:
+            layer.__dict__.pop("forward", None)
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run a decoder layer on ``hidden`` with its recorded arguments; return the output hidden states."""
+    out = layer(hidden, *args[1:], **kwargs) if args else layer(hidden_states=hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _detached(obj: Any) -> Any:

@@ -38,6 +38,8 @@ def fasterprune(
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune an (out, in) weight given H = X Xᵀ; return (updated weight, mask with True = pruned)."""
+    if nm is not None and blocksize % nm[1]:
+        raise PrunekitError(f"blocksize={blocksize} must be a multiple of M={nm[1]} for an N:M pattern")
     W = weight.to(torch.float64).clone()
     H = hessian.to(torch.float64).clone()
     rows, cols = W.shape
@@ -106,6 +108,11 @@ class SparseGPT(PruningStrategy):
             raise PrunekitError(f"blocksize must be >= 1, got {blocksize}")
         if percdamp < 0:
             raise PrunekitError(f"percdamp must be >= 0, got {percdamp}")
+        if self.nm is not None and blocksize % self.nm[1]:
+            raise PrunekitError(
+                f"blocksize={blocksize} must be a multiple of M={self.nm[1]} for the {pattern} pattern "
+                "(N:M groups are aligned within blocks, as in the reference)"
+            )
         self.blocksize, self.percdamp = blocksize, percdamp
 
     def prune_linear(self, ref: LinearRef, stats: dict[str, Statistic]) -> torch.Tensor:

