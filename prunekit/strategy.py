@@ -230,6 +230,7 @@ class PruningStrategy(pl.Callback):
             mask = self.prune_linear(ref, stats.get(ref.name, {}))
             ref.weight[mask.to(ref.weight.device)] = 0
 
+    @torch.no_grad()
     def _sequential(self, trainer: pl.Trainer, pl_module: pl.LightningModule, catcher: "_LayerInputCatcher") -> None:
         model = pl_module.model
         layers = adapter_for(model).layers(model)

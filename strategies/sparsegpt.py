@@ -18,8 +18,6 @@ exactly ``int(block_numel · sparsity)``. N:M semantics: the reference's ``prune
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from prunekit.arch import LinearRef
@@ -92,25 +90,15 @@ class SparseGPT(PruningStrategy):
     name = "sparsegpt"
     statistics = {"hessian": Hessian}
 
-    def __init__(
-        self,
-        sparsity: float | None = None,
-        pattern: str = "unstructured",
-        mode: Literal["sequential", "all-at-once"] = "sequential",
-        modules: list[str] | None = None,
-        layers: list[int] | None = None,
-        keep_statistics: bool = False,
-        blocksize: int = 128,
-        percdamp: float = 0.01,
-    ) -> None:
-        super().__init__(sparsity, pattern, mode, modules, layers, keep_statistics)
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, **kwargs) -> None:
+        super().__init__(**kwargs)
         if blocksize < 1:
             raise PrunekitError(f"blocksize must be >= 1, got {blocksize}")
         if percdamp < 0:
             raise PrunekitError(f"percdamp must be >= 0, got {percdamp}")
         if self.nm is not None and blocksize % self.nm[1]:
             raise PrunekitError(
-                f"blocksize={blocksize} must be a multiple of M={self.nm[1]} for the {pattern} pattern "
+                f"blocksize={blocksize} must be a multiple of M={self.nm[1]} for the {self.pattern} pattern "
                 "(N:M groups are aligned within blocks, as in the reference)"
             )
         self.blocksize, self.percdamp = blocksize, percdamp
