@@ -7,6 +7,7 @@ is synchronised across processes on ``compute``).
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -33,6 +34,17 @@ class PrunableLM(pl.LightningModule):
         self.phase: str = "calibrate"
         self.perplexity = Perplexity()
         self.pruned_by: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        """Several CPU processes share the cores: give each its share of threads, unless the user chose.
+
+        Without this, N processes each start one OpenMP thread per core and the oversubscribed spin-waits
+        slow everything down by an order of magnitude.
+        """
+        trainer = self.trainer
+        if trainer.world_size > 1 and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            per_node = max(1, trainer.world_size // max(1, trainer.num_nodes))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits

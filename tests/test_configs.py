@@ -1,0 +1,34 @@
+"""Every shipped YAML config parses with the command it documents (so the docs cannot rot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prunekit.cli import main
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+PRUNE = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in ("eval.yaml", "wandb.yaml"))
+
+
+@pytest.mark.parametrize("name", PRUNE)
+def test_prune_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--config", str(CONFIGS / name), "--print_config"])
+    assert e.value.code == 0
+    assert "class_path: prunekit.strategies." in capsys.readouterr().out
+
+
+def test_wandb_config_combines_with_a_method(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--config", str(CONFIGS / "wanda.yaml"), "--config", str(CONFIGS / "wandb.yaml"), "--print_config"])
+    assert e.value.code == 0
+    assert "lightning.pytorch.loggers.WandbLogger" in capsys.readouterr().out
+
+
+def test_eval_config_parses(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--config", str(CONFIGS / "eval.yaml"), "--model", "some/folder", "--print_config"])
+    assert e.value.code == 0
+    assert "model: some/folder" in capsys.readouterr().out
