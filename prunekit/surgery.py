@@ -1,0 +1,145 @@
+"""Structured surgery: physically remove MLP channels and attention heads so the model gets smaller.
+
+Cutting channel c of a decoder layer's MLP removes output row c of every channel-producing projection
+(gate/up, or fc1 with its bias) and input column c of the channel-consuming projection (down / fc2). Cutting
+query head h removes its rows of the query projection and its columns of the output projection; a key/value
+head goes with its rows of k/v. Either way the result computes exactly what the uncut model computes with
+the removed columns of the consumer (down/fc2/o) set to zero. Layers may keep different widths.
+
+Grouped-query attention (``num_key_value_heads`` < ``num_attention_heads``): the unit is explicit. A KV group
+is kept when at least one of its query heads is kept, and every kept group must keep the same number of query
+heads (so ``num_key_value_groups`` stays one number per layer). That admits both documented units: whole KV
+groups with all their query heads, or the same count of query heads within every group.
+(Allocation and reload of per-layer widths follow in the structured-pruning issue.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.arch import adapter_for
+from prunekit.errors import PrunekitError
+
+PRODUCERS = ("gate", "up", "fc1")
+CONSUMERS = ("down", "fc2")
+
+
+def _keep_rows(module: nn.Module, keep: torch.Tensor, transposed: bool) -> None:
+    """Keep output features ``keep`` of a Linear (or a transposed Conv1D), bias included."""
+    w = module.weight.data
+    new = w[:, keep] if transposed else w[keep]
+    module.weight = nn.Parameter(new.clone(), requires_grad=module.weight.requires_grad)
+    if getattr(module, "bias", None) is not None:
+        module.bias = nn.Parameter(module.bias.data[keep].clone(), requires_grad=module.bias.requires_grad)
+    _update_features(module, transposed)
+
+
+def _keep_cols(module: nn.Module, keep: torch.Tensor, transposed: bool) -> None:
+    """Keep input features ``keep`` of a Linear (or a transposed Conv1D); the bias is unchanged."""
+    w = module.weight.data
+    new = w[keep] if transposed else w[:, keep]
+    module.weight = nn.Parameter(new.clone(), requires_grad=module.weight.requires_grad)
+    _update_features(module, transposed)
+
+
+def _update_features(module: nn.Module, transposed: bool) -> None:
+    if transposed:  # transformers' Conv1D: weight (in, out), attribute nf = out
+        module.nf = module.weight.shape[1]
+        if hasattr(module, "nx"):
+            module.nx = module.weight.shape[0]
+    else:
+        module.out_features, module.in_features = module.weight.shape
+
+
+def mlp_width(model: nn.Module, layer: int) -> int:
+    """Number of MLP channels of a decoder layer."""
+    refs = [r for r in adapter_for(model).linears(model) if r.layer == layer and r.role in CONSUMERS]
+    return refs[0].in_features
+
+
+def cut_mlp_channels(model: nn.Module, layer: int, keep: torch.Tensor | list[int]) -> None:
+    """Keep only MLP channels ``keep`` (sorted, unique indices) of decoder layer ``layer``, in place."""
+    refs = [r for r in adapter_for(model).linears(model) if r.layer == layer]
+    producers = [r for r in refs if r.role in PRODUCERS]
+    consumers = [r for r in refs if r.role in CONSUMERS]
+    if not producers or len(consumers) != 1:
+        raise PrunekitError(f"layer {layer} has no MLP channel producers/consumer to cut")
+    width = consumers[0].in_features
+    keep = torch.as_tensor(keep, dtype=torch.long).unique(sorted=True)
+    if keep.numel() and (keep.min() < 0 or keep.max() >= width):
+        raise PrunekitError(f"MLP channel indices must be in [0, {width}) for layer {layer}")
+    if keep.numel() == 0:
+        raise PrunekitError(f"cannot remove every MLP channel of layer {layer}; keep at least one")
+    for ref in producers:
+        _keep_rows(ref.module, keep, ref.transposed)
+    _keep_cols(consumers[0].module, keep, consumers[0].transposed)
+
+
+def _attention(model: nn.Module, layer: int):
+    refs = {r.role: r for r in adapter_for(model).linears(model) if r.layer == layer and r.group == "attn"}
+    attn = adapter_for(model).layers(model)[layer].get_submodule(
+        next(iter(adapter_for(model).linear_paths.values())).rsplit(".", 1)[0]
+    )
+    return refs, attn
+
+
+def attention_heads(model: nn.Module, layer: int) -> tuple[int, int]:
+    """(query heads, key/value heads) currently in a decoder layer."""
+    refs, _ = _attention(model, layer)
+    _, _, head_dim = adapter_for(model).attention_shape(model.config)
+    q = refs["o"].in_features // head_dim
+    if "k" in refs:
+        return q, refs["k"].out_features // head_dim
+    return q, q
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def cut_attention_heads(model: nn.Module, layer: int, keep: torch.Tensor | list[int]) -> None:
+    """Keep only query heads ``keep`` of decoder layer ``layer`` (and the KV heads they use), in place."""
+    adapter = adapter_for(model)
+    refs, attn = _attention(model, layer)
+    _, _, d = adapter.attention_shape(model.config)
+    n_q, n_kv = attention_heads(model, layer)
+    keep = torch.as_tensor(keep, dtype=torch.long).unique(sorted=True)
+    if keep.numel() == 0:
+        raise PrunekitError(f"cannot remove every attention head of layer {layer}; keep at least one")
+    if keep.min() < 0 or keep.max() >= n_q:
+        raise PrunekitError(f"attention head indices must be in [0, {n_q}) for layer {layer}")
+    group = n_q // n_kv
+    kv_keep = (keep // group).unique(sorted=True)
+    per_group = torch.bincount(keep // group, minlength=n_kv)[kv_keep]
+    if (per_group != per_group[0]).any():
+        raise PrunekitError(
+            f"layer {layer}: grouped-query attention ({n_q} query / {n_kv} KV heads) needs the same number of kept "
+            f"query heads in every kept KV group, got {per_group.tolist()} for groups {kv_keep.tolist()}"
+        )
+    q_rows = _head_rows(keep, d)
+    if "qkv" in refs:  # fused projection
+        r = refs["qkv"]
+        if adapter.family == "gpt2":  # [q | k | v], each n_q * d wide
+            rows = torch.cat([q_rows + i * n_q * d for i in range(3)])
+        else:  # gpt_neox: per head [q_h | k_h | v_h]
+            rows = _head_rows(keep, 3 * d)
+        _keep_rows(r.module, rows, r.transposed)
+    else:
+        _keep_rows(refs["q"].module, q_rows, refs["q"].transposed)
+        kv_rows = _head_rows(kv_keep, d)
+        for role in ("k", "v"):
+            _keep_rows(refs[role].module, kv_rows, refs[role].transposed)
+    _keep_cols(refs["o"].module, q_rows, refs["o"].transposed)
+    kept = keep.numel()
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = kept // kv_keep.numel()
+    for name in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, kept)
+    if hasattr(attn, "num_key_value_heads") and isinstance(attn.num_key_value_heads, int):
+        attn.num_key_value_heads = kv_keep.numel()
+    if hasattr(attn, "split_size"):  # GPT-2 splits its fused output into three equal parts
+        attn.split_size = kept * d
+    if hasattr(attn, "embed_dim") and adapter.family == "gpt2":
+        attn.embed_dim = kept * d

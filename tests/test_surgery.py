@@ -1,0 +1,118 @@
+"""MLP channel surgery: the physically cut model computes what the zeroed model computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tiny
+from prunekit.arch import adapter_for
+from prunekit.errors import PrunekitError
+from prunekit.surgery import CONSUMERS, cut_mlp_channels, mlp_width
+
+
+def _zero_channels(model, layer, drop):
+    for ref in adapter_for(model).linears(model):
+        if ref.layer == layer and ref.role in CONSUMERS:
+            ref.weight[:, drop] = 0
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_cut_equals_zeroed_and_generates(tiny_models, family):
+    torch.manual_seed(0)
+    cut = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    zeroed = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    before = sum(p.numel() for p in cut.parameters())
+    widths = {}
+    for layer, fraction in enumerate((0.5, 0.25, 0.75)):  # per-layer widths differ
+        width = mlp_width(cut, layer)
+        keep = torch.randperm(width)[: int(width * (1 - fraction))].sort().values
+        drop = torch.tensor(sorted(set(range(width)) - set(keep.tolist())))
+        cut_mlp_channels(cut, layer, keep)
+        _zero_channels(zeroed, layer, drop)
+        widths[layer] = keep.numel()
+    assert {layer: mlp_width(cut, layer) for layer in widths} == widths
+    removed = sum((tiny.FFN - w) for w in widths.values())
+    per_channel = 3 * tiny.HIDDEN if family in ("llama", "gemma3_text") else 2 * tiny.HIDDEN + 1  # + fc1 bias
+    assert sum(p.numel() for p in cut.parameters()) == before - removed * per_channel
+    ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
+        out = cut.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+        ref = zeroed.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(out, ref)
+
+
+def test_cut_rejects_bad_indices(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with pytest.raises(PrunekitError, match=r"in \[0, 128\)"):
+        cut_mlp_channels(model, 0, [0, 500])
+    with pytest.raises(PrunekitError, match="keep at least one"):
+        cut_mlp_channels(model, 0, [])
+
+
+def _zero_heads(model, layer, drop_heads, head_dim):
+    cols = (torch.as_tensor(drop_heads).unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+    for ref in adapter_for(model).linears(model):
+        if ref.layer == layer and ref.role == "o":
+            ref.weight[:, cols] = 0
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_head_cut_equals_zeroed_and_generates(tiny_models, family):
+    from prunekit.surgery import attention_heads, cut_attention_heads
+
+    cut = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    zeroed = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    _, _, d = adapter_for(cut).attention_shape(cut.config)
+    n_q, n_kv = attention_heads(cut, 0)
+    # layer 0: drop a whole KV group (GQA) or two heads; layer 1: one query head per group; layer 2: keep one head
+    plans = {0: [2, 3], 1: [0, 2] if n_kv < n_q else [0, 1, 3], 2: [1]} if n_kv < n_q else {0: [0, 1], 1: [0, 1, 3], 2: [1]}
+    before = sum(p.numel() for p in cut.parameters())
+    for layer, keep in plans.items():
+        cut_attention_heads(cut, layer, keep)
+        _zero_heads(zeroed, layer, sorted(set(range(n_q)) - set(keep)), d)
+        assert attention_heads(cut, layer)[0] == len(keep)
+    assert sum(p.numel() for p in cut.parameters()) < before
+    ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
+        out = cut.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+        ref = zeroed.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(out, ref)
+
+
+def test_gqa_needs_consistent_heads_per_group(tiny_llama):
+    from prunekit.surgery import cut_attention_heads
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # 4 query heads, 2 KV groups of 2
+    with pytest.raises(PrunekitError, match=r"same number of kept query heads in every kept KV group, got \[2, 1\]"):
+        cut_attention_heads(model, 0, [0, 1, 2])
+    with pytest.raises(PrunekitError, match="keep at least one"):
+        cut_attention_heads(model, 0, [])
+
+
+@pytest.mark.parametrize("keep", [[3, 4, 5], [0, 1, 3, 4, 6, 7], [2, 5, 8]], ids=["whole-group", "2-per-group", "1-per-group"])
+def test_gqa_9_query_3_kv_heads(tmp_path, keep):
+    """SmolLM2's attention shape: 9 query heads in 3 KV groups."""
+    from transformers import LlamaConfig
+
+    from prunekit.surgery import attention_heads, cut_attention_heads
+
+    config = LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=64)
+    torch.manual_seed(3)
+    cut = AutoModelForCausalLM.from_config(config).eval()
+    zeroed = AutoModelForCausalLM.from_config(config).eval()
+    zeroed.load_state_dict(cut.state_dict())
+    cut_attention_heads(cut, 1, keep)
+    _zero_heads(zeroed, 1, sorted(set(range(9)) - set(keep)), 8)
+    kv = len({h // 3 for h in keep})
+    assert attention_heads(cut, 1) == (len(keep), kv)
+    assert cut.model.layers[1].self_attn.num_key_value_groups == len(keep) // kv
+    ids = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(cut.generate(ids[:1, :4], max_new_tokens=5, do_sample=False),
+                           zeroed.generate(ids[:1, :4], max_new_tokens=5, do_sample=False))
