@@ -143,3 +143,34 @@ def cut_attention_heads(model: nn.Module, layer: int, keep: torch.Tensor | list[
         attn.split_size = kept * d
     if hasattr(attn, "embed_dim") and adapter.family == "gpt2":
         attn.embed_dim = kept * d
+
+
+def structure(model: nn.Module) -> list[dict]:
+    """Per decoder layer: MLP channels, query heads, KV heads, and which consumers carry an added bias."""
+    out = []
+    adapter = adapter_for(model)
+    for i in range(len(adapter.layers(model))):
+        q, kv = attention_heads(model, i)
+        refs = {r.role: r for r in adapter.linears(model) if r.layer == i}
+        biased = sorted(role for role, r in refs.items() if getattr(r.module, "bias", None) is not None)
+        out.append({"mlp_channels": mlp_width(model, i), "heads": q, "kv_heads": kv, "biased": biased})
+    return out
+
+
+def apply_structure(model: nn.Module, layers: list[dict]) -> None:
+    """Give a freshly built model the recorded per-layer widths (weights are loaded afterwards)."""
+    adapter = adapter_for(model)
+    if len(layers) != len(adapter.layers(model)):
+        raise PrunekitError(f"recorded structure has {len(layers)} layers, the model {len(adapter.layers(model))}")
+    for i, spec in enumerate(layers):
+        if spec["mlp_channels"] != mlp_width(model, i):
+            cut_mlp_channels(model, i, range(spec["mlp_channels"]))
+        n_q, n_kv = attention_heads(model, i)
+        if (spec["heads"], spec["kv_heads"]) != (n_q, n_kv):
+            per_group, group = spec["heads"] // spec["kv_heads"], n_q // n_kv
+            keep = [g * group + j for g in range(spec["kv_heads"]) for j in range(per_group)]
+            cut_attention_heads(model, i, keep)
+        for ref in adapter.linears(model):
+            if ref.layer == i and ref.role in spec.get("biased", []) and getattr(ref.module, "bias", None) is None:
+                ref.module.bias = nn.Parameter(torch.zeros(ref.out_features, dtype=ref.module.weight.dtype),
+                                               requires_grad=False)

@@ -116,3 +116,38 @@ def test_gqa_9_query_3_kv_heads(tmp_path, keep):
         torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(cut.generate(ids[:1, :4], max_new_tokens=5, do_sample=False),
                            zeroed.generate(ids[:1, :4], max_new_tokens=5, do_sample=False))
+
+
+def test_reload_in_a_fresh_process_gives_identical_logits(tiny_models, tmp_path):
+    """Per-layer widths, GQA heads and an added bias survive save → load_pruned in another process."""
+    import subprocess
+    import sys
+
+    from prunekit.export import STRUCTURE_FILE, save_pruned
+    from prunekit.surgery import attention_heads, cut_attention_heads
+
+    ids = torch.randint(0, tiny.VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    expected = {}
+    for family, folder in tiny_models.items():
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        for layer, keep in enumerate(([0, 5, 9], list(range(0, 128, 2)), list(range(100)))):
+            cut_mlp_channels(model, layer, keep)
+        n_q, n_kv = attention_heads(model, 1)
+        cut_attention_heads(model, 1, [2, 3] if n_kv < n_q else [0, 2, 3])
+        o = next(r for r in adapter_for(model).linears(model) if r.layer == 2 and r.role == "o")
+        if o.module.bias is None:  # what bias compensation adds to bias-free models
+            o.module.bias = torch.nn.Parameter(torch.randn(o.out_features) * 0.1, requires_grad=False)
+        save_pruned(model, tmp_path / family, tiny.tokenizer())
+        assert (tmp_path / family / STRUCTURE_FILE).is_file()
+        with torch.no_grad():
+            expected[family] = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\nfrom prunekit.export import load_pruned\nids = torch.load(sys.argv[1] + '/ids.pt')\n"
+        f"out = {{f: load_pruned(sys.argv[1] + '/' + f)(ids).logits for f in {list(tiny_models)!r}}}\n"
+        "torch.save(out, sys.argv[1] + '/reloaded.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    reloaded = torch.load(tmp_path / "reloaded.pt")
+    for family in tiny_models:
+        torch.testing.assert_close(reloaded[family], expected[family], rtol=0, atol=0, msg=family)
