@@ -108,7 +108,7 @@ def adaptive(
     ratio: float,
     head_cost: float,
     channel_cost: float,
-    standardization: Literal["zscore", "robust"] = "zscore",
+    standardization: Literal["zscore", "robust"] | None = "zscore",
     head_unit: int = 1,
     protect: set[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -116,7 +116,7 @@ def adaptive(
 
     ``head_scores[l]`` are already grouped into removable units of ``head_unit`` heads (GQA); units and
     channels of all layers are ranked together by standardised score and removed, lowest first, while the
-    removed cost stays within ``ratio`` of the total. Layers in ``protect`` are never touched. At least one
+    removed cost stays within ``ratio`` of the total. ``standardization=None``: scores are already comparable. Layers in ``protect`` are never touched. At least one
     head unit and one channel stay in every layer.
     """
     check_ratio(ratio)
@@ -128,7 +128,7 @@ def adaptive(
         if layer in protect:
             continue
         for kind, s, cost in (("head", h, head_cost * head_unit), ("channel", c, channel_cost)):
-            z = standardize(s, standardization)
+            z = standardize(s, standardization) if standardization else s.to(torch.float64)
             entries += [(float(z[i]), cost, kind, layer, i) for i in range(s.numel())]
     entries.sort(key=lambda e: (e[0], e[3], e[2], e[4]))  # deterministic ties
     budget = ratio * total

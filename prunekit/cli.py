@@ -144,13 +144,13 @@ def _fmt_params(n: int) -> str:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = f"| {'model':<28} | {'perplexity':>10} | {'sparsity':>8} | {'non-zero / total params':>23} | {'time (s)':>8} |"
+    head = f"| {'model':<28} | {'perplexity':>10} | {'pruned':>8} | {'non-zero / total params':>23} | {'time (s)':>8} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         params = f"{_fmt_params(r['params_nonzero'])} / {_fmt_params(r['params_total'])}"
         t = f"{r['time_s']:.1f}" if r.get("time_s") is not None else ""
-        print(f"| {r['name']:<28} | {r['perplexity']:>10.3f} | {r['sparsity']:>8.1%} | {params:>23} | {t:>8} |")
+        print(f"| {r['name']:<28} | {r['perplexity']:>10.3f} | {r.get('pruned_fraction', r['sparsity']):>8.1%} | {params:>23} | {t:>8} |")
 
 
 def _log_and_close(trainer, metrics: dict, hparams: dict | None = None) -> None:
@@ -173,7 +173,7 @@ def _peak_rss_mb() -> float:
 
 def run_prune(cli: PruneCLI) -> dict:
     """The ``prune`` job: dense eval, calibrate + prune, pruned eval, report, atomic save."""
-    from prunekit.evaluate import parameter_counts, perplexity, sparsity_report, summarize_sparsity
+    from prunekit.evaluate import linear_counts, parameter_counts, perplexity, sparsity_report, summarize_sparsity
     from prunekit.export import write_atomically
 
     start = time.perf_counter()
@@ -195,7 +195,9 @@ def run_prune(cli: PruneCLI) -> dict:
                  "eval_windows": int(dm.evaluation_windows().shape[0])},
         "world_size": trainer.world_size,
     }
-    dense = {**parameter_counts(module.model), "sparsity": dense_summary["sparsity_linear"]}
+    dense_linear = linear_counts(module.model)[0]
+    dense = {**parameter_counts(module.model), "sparsity": dense_summary["sparsity_linear"],
+             "pruned_fraction": 1 - linear_counts(module.model)[1] / dense_linear}
     if cli.config.eval_dense:
         t = time.perf_counter()
         dense["perplexity"] = perplexity(trainer, module, dm)
@@ -206,6 +208,7 @@ def run_prune(cli: PruneCLI) -> dict:
     summary = summarize_sparsity(sparsity_report(module.model))
     t = time.perf_counter()
     pruned = {**parameter_counts(module.model), "sparsity": summary["sparsity_linear"],
+              "pruned_fraction": 1 - linear_counts(module.model)[1] / dense_linear,
               "perplexity": perplexity(trainer, module, dm), "eval_s": time.perf_counter() - t,
               "calibrate_prune_s": strategy.timings["prune_s"]}
     result["pruned"] = pruned
@@ -217,6 +220,10 @@ def run_prune(cli: PruneCLI) -> dict:
         return result
 
     label = f"{strategy.name} ({strategy.pattern if strategy.nm else f'{strategy.sparsity:.0%}'}, {strategy.mode})"
+    if getattr(strategy, "removed", None):
+        from prunekit.surgery import structure
+
+        result["structure"] = structure(module.model)
     rows = []
     if "perplexity" in dense:
         rows.append({"name": f"dense {Path(module.model_name).name}", **dense, "time_s": None})
@@ -226,8 +233,12 @@ def run_prune(cli: PruneCLI) -> dict:
           f"evaluation: {dm.eval_corpus} held-out, {result['data']['eval_windows']} x {dm.seq_len} tokens; "
           f"processes: {trainer.world_size}")
     _print_table(rows)
-    per_layer = " ".join(f"{i}:{v:.0%}" for i, v in summary["per_layer"].items())
-    print(f"per-layer sparsity: {per_layer}")
+    if "structure" in result:
+        widths = " ".join(f"{i}:{l['mlp_channels']}/{l['heads']}" for i, l in enumerate(result["structure"]))
+        print(f"per-layer widths (MLP channels / attention heads): {widths}")
+    else:
+        per_layer = " ".join(f"{i}:{v:.0%}" for i, v in summary["per_layer"].items())
+        print(f"per-layer sparsity: {per_layer}")
     print(f"peak memory (RSS): {result['peak_rss_mb']:.0f} MB; wall time: {result['wall_s']:.1f} s")
 
     flat = {"perplexity": pruned["perplexity"], "sparsity": pruned["sparsity"],
@@ -240,8 +251,9 @@ def run_prune(cli: PruneCLI) -> dict:
 
     def write(tmp: Path) -> None:
         if cli.config.save_model:
-            module.model.save_pretrained(tmp, safe_serialization=True)
-            dm.tokenizer.save_pretrained(tmp)
+            from prunekit.export import save_pruned
+
+            save_pruned(module.model, tmp, dm.tokenizer)
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
         (tmp / "prunekit.json").write_text(json.dumps({"pruned_by": strategy.describe(), "source": module.model_name}, indent=2))
@@ -274,7 +286,8 @@ def run_eval(cli: EvalCLI) -> dict:
     result["time_s"] = time.perf_counter() - t
     if not trainer.is_global_zero:
         return result
-    print(f"\nevaluation: {dm.eval_corpus} held-out, {result['eval_windows']} x {dm.seq_len} tokens")
+    print(f"\nevaluation: {dm.eval_corpus} held-out, {result['eval_windows']} x {dm.seq_len} tokens "
+          "('pruned' counts zero weights; weights removed by structured pruning show in the parameter count)")
     _print_table([{"name": Path(module.model_name).name, **result}])
     _log_and_close(trainer, {"perplexity": result["perplexity"], "sparsity": result["sparsity"]})
     if cli.config.output_dir:

@@ -33,6 +33,15 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"params_total": total, "params_nonzero": nonzero}
 
 
+def linear_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights, non-zero weights) of the decoder projections: what pruning ratios are measured against."""
+    total = nonzero = 0
+    for ref in adapter_for(model).linears(model):
+        total += ref.weight.numel()
+        nonzero += int(torch.count_nonzero(ref.weight))
+    return total, nonzero
+
+
 def sparsity_report(model: torch.nn.Module) -> list[dict]:
     """Fraction of zero weights per decoder layer and projection role."""
     rows = []

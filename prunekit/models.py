@@ -128,9 +128,15 @@ def load_model(name_or_path: str, dtype: str = "float32"):
 
     from prunekit.arch import adapter_for
 
+    from prunekit.export import STRUCTURE_FILE, load_pruned
+
     config = load_config(name_or_path)
     adapter_for(config)  # fail before loading weights if the family is unsupported
-    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=getattr(torch, dtype))
+    location = resolve(name_or_path)
+    if (Path(location) / STRUCTURE_FILE).is_file():  # written by prunekit: may have per-layer widths
+        model = load_pruned(location, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
     model.eval()
     model.requires_grad_(False)
     return model

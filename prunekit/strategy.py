@@ -136,7 +136,7 @@ class PruningStrategy(pl.Callback):
 
     # ----------------------------------------------------------------------------- method interface
     @property
-    def needs_calibration(self) -> bool:
+    def needs_calibration(self) -> bool:  # ``statistics`` may be a class or an instance attribute
         return bool(self.statistics)
 
     def prune_linear(self, ref: LinearRef, stats: dict[str, Statistic]) -> torch.Tensor:
@@ -167,7 +167,7 @@ class PruningStrategy(pl.Callback):
             pl_module.phase = "calibrate"
             trainer.predict(pl_module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
         else:
-            self._prune_refs(trainer, pl_module, self.targets(pl_module.model), {})
+            self.prune_refs(pl_module, self.targets(pl_module.model), {})
             self._finish(trainer, pl_module)
         self.timings["prune_s"] = time.perf_counter() - start
         if not self.pruned:
@@ -193,7 +193,7 @@ class PruningStrategy(pl.Callback):
             collector, self._collector = self._collector, None
             collector.remove()
             self._reduce(trainer, collector)
-            self._prune_refs(trainer, pl_module, self.targets(pl_module.model), collector.stats)
+            self.prune_refs(pl_module, self.targets(pl_module.model), collector.stats)
         else:
             catcher, self._catcher = self._catcher, None
             catcher.remove()
@@ -225,7 +225,12 @@ class PruningStrategy(pl.Callback):
             for name, group in collector.stats.items():
                 self.statistics_[name] = {f"{k}.{t}": v.clone() for k, s in group.items() for t, v in s.tensors().items()}
 
-    def _prune_refs(self, trainer, pl_module, refs: list[LinearRef], stats: dict[str, dict[str, Statistic]]) -> None:
+    def prune_refs(self, pl_module: pl.LightningModule, refs: list[LinearRef],
+                   stats: dict[str, dict[str, Statistic]]) -> None:
+        """Prune ``refs`` (one layer in sequential mode, all in all-at-once) given their reduced statistics.
+
+        The default zeroes each linear's ``prune_linear`` mask; structured strategies override it to cut.
+        """
         for ref in refs:
             mask = self.prune_linear(ref, stats.get(ref.name, {}))
             ref.weight[mask.to(ref.weight.device)] = 0
@@ -250,7 +255,7 @@ class PruningStrategy(pl.Callback):
                 finally:
                     collector.remove()
                 self._reduce(trainer, collector)
-                self._prune_refs(trainer, pl_module, refs, collector.stats)
+                self.prune_refs(pl_module, refs, collector.stats)
             # outputs of the (pruned) layer feed the next one
             hidden = [_call_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, calls)]
             catcher.calls[i] = []

@@ -1,0 +1,234 @@
+"""StructuredStrategy: the shared base of methods that remove whole attention heads and MLP channels.
+
+A structured method scores the *input dimensions of the consumer projections*: o_proj's inputs (head_dim per
+query head) for attention, down_proj's (fc2's) inputs for MLP channels. This base turns those per-dimension
+scores into head and channel scores, spreads the global ratio over layers (``prunekit.allocation``),
+optionally compensates the removed channels' mean contribution with a bias (FLAP), and cuts the model
+physically (``prunekit.surgery``).
+
+``sparsity`` is the requested fraction of attention+MLP weights to remove. With uniform/logistic allocation
+every prunable layer removes ``int(ρ_ℓ · units)`` head units and ``int(ρ_ℓ · channels)`` channels, as the
+references do (floor), so the achieved ratio can fall slightly short; it is reported, never assumed.
+
+Head units under grouped-query attention (``head_unit``): ``kv_group`` removes whole KV groups with all their
+query heads (group score = sum of its heads' scores); ``query`` removes the same number of query heads from
+every group. With plain multi-head attention both mean single heads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from prunekit import allocation as alloc
+from prunekit.arch import LinearRef, adapter_for
+from prunekit.errors import PrunekitError
+from prunekit.stats import ChannelMoments, Statistic
+from prunekit.strategy import PruningStrategy
+from prunekit.surgery import CONSUMERS, PRODUCERS, attention_heads, cut_attention_heads, cut_mlp_channels
+
+Allocation = Literal["uniform", "logistic", "adaptive"]
+
+
+class StructuredStrategy(PruningStrategy):
+    """Base class: remove attention heads and MLP channels; subclasses provide per-dimension scores.
+
+    Args:
+        sparsity: fraction of attention+MLP weights to remove, in [0, 1).
+        allocation: ``uniform`` (UL), ``logistic`` (SEAP's LB) or ``adaptive`` (FLAP's AL-AM, all-at-once only).
+        prune_heads / prune_channels: which units may be removed.
+        head_unit: ``kv_group`` or ``query`` (see module docstring).
+        keep_first / keep_last: layers kept dense (default: 2 and 2 for logistic, else 0).
+        logistic_k / logistic_x0: the logistic schedule's slope and midpoint (SEAP: 0.8, 0.3).
+        standardization: ``zscore`` (FLAP) or ``robust`` (SEAP) for adaptive allocation.
+        bias_compensation: add W[:, removed] · mean(x[removed]) to the consumer's bias (FLAP).
+        mode: ``all-at-once`` (statistics of the dense model) or ``sequential``.
+        layers: decoder layers allowed to lose units (default: all).
+    """
+
+    default_allocation: Allocation = "uniform"
+    dimension_stats: dict[str, type[Statistic]] = {}
+
+    def __init__(
+        self,
+        sparsity: float = 0.2,
+        allocation: Allocation | None = None,
+        prune_heads: bool = True,
+        prune_channels: bool = True,
+        head_unit: Literal["kv_group", "query"] = "kv_group",
+        keep_first: int | None = None,
+        keep_last: int | None = None,
+        logistic_k: float = 0.8,
+        logistic_x0: float = 0.3,
+        standardization: Literal["zscore", "robust"] = "zscore",
+        bias_compensation: bool = False,
+        mode: Literal["sequential", "all-at-once"] = "all-at-once",
+        layers: list[int] | None = None,
+        keep_statistics: bool = False,
+    ) -> None:
+        if not (prune_heads or prune_channels):
+            raise PrunekitError("prune_heads and prune_channels are both false: nothing to prune")
+        modules = (["o"] if prune_heads else []) + (list(CONSUMERS) if prune_channels else [])
+        super().__init__(sparsity=sparsity, mode=mode, modules=modules, layers=layers, keep_statistics=keep_statistics)
+        self.allocation = allocation or self.default_allocation
+        if self.allocation not in ("uniform", "logistic", "adaptive"):
+            raise PrunekitError(f"allocation must be uniform, logistic or adaptive, got {self.allocation!r}")
+        if self.allocation == "adaptive" and mode != "all-at-once":
+            raise PrunekitError("adaptive allocation ranks all layers together: it needs mode='all-at-once'")
+        if head_unit not in ("kv_group", "query"):
+            raise PrunekitError(f"head_unit must be 'kv_group' or 'query', got {head_unit!r}")
+        default_keep = 2 if self.allocation == "logistic" else 0
+        self.keep_first = default_keep if keep_first is None else keep_first
+        self.keep_last = default_keep if keep_last is None else keep_last
+        self.prune_heads, self.prune_channels, self.head_unit = prune_heads, prune_channels, head_unit
+        self.logistic_k, self.logistic_x0, self.standardization = logistic_k, logistic_x0, standardization
+        self.bias_compensation = bias_compensation
+        stats = dict(self.dimension_stats)
+        if bias_compensation:
+            stats.setdefault("moments", ChannelMoments)
+        self.statistics = stats
+        self.removed: dict[int, dict[str, list[int]]] = {}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "allocation": self.allocation, "head_unit": self.head_unit,
+                "keep_first": self.keep_first, "keep_last": self.keep_last,
+                "bias_compensation": self.bias_compensation}
+
+    # --------------------------------------------------------------------------- subclass interface
+    def dimension_scores(self, ref: LinearRef, stats: dict[str, Statistic], attention: bool) -> torch.Tensor:
+        """One score per input dimension of a consumer projection (o_proj or down_proj); higher = keep."""
+        raise NotImplementedError
+
+    def head_scores(self, dims: torch.Tensor, heads: int) -> torch.Tensor:
+        """Per query head from per-dimension scores (default: sum over head_dim, as FLAP/Wanda-sp do)."""
+        return dims.view(heads, -1).sum(1)
+
+    # --------------------------------------------------------------------------- pruning
+    def _layer_ratios(self, model) -> list[float]:
+        n = len(adapter_for(model).layers(model))
+        if self.allocation == "logistic":
+            return alloc.logistic(n, self.sparsity, self.logistic_k, self.logistic_x0, self.keep_first, self.keep_last)
+        return alloc.uniform(n, self.sparsity, self.keep_first, self.keep_last)
+
+    def _allowed(self, model, layer: int) -> bool:
+        n = len(adapter_for(model).layers(model))
+        return self.keep_first <= layer < n - self.keep_last
+
+    def prune_refs(self, pl_module, refs: list[LinearRef], stats: dict[str, dict[str, Statistic]]) -> None:
+        model = pl_module.model
+        by_layer: dict[int, dict[str, LinearRef]] = {}
+        for ref in refs:
+            by_layer.setdefault(ref.layer, {})["o" if ref.role == "o" else "mlp"] = ref
+        scores: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, group in by_layer.items():
+            for kind, ref in group.items():
+                dims = self.dimension_scores(ref, stats.get(ref.name, {}), attention=kind == "o").to(torch.float64)
+                scores.setdefault(layer, {})[kind] = dims
+        if self.allocation == "adaptive":
+            plan = self._adaptive_plan(model, scores)
+        else:
+            ratios = self._layer_ratios(model)
+            plan = {layer: self._layer_plan(model, layer, s, ratios[layer]) for layer, s in scores.items()}
+        for layer, (drop_heads, drop_channels) in sorted(plan.items()):
+            self._cut(model, layer, by_layer[layer], stats, drop_heads, drop_channels)
+
+    def _head_units(self, model, layer: int, head_scores: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
+        """Removable units (lists of query heads) and their scores."""
+        n_q, n_kv = attention_heads(model, layer)
+        group = n_q // n_kv
+        if group == 1 or self.head_unit == "query":
+            return [[h] for h in range(n_q)], head_scores
+        units = [list(range(g * group, (g + 1) * group)) for g in range(n_kv)]
+        return units, head_scores.view(n_kv, group).sum(1)
+
+    def _layer_plan(self, model, layer: int, scores: dict[str, torch.Tensor], ratio: float):
+        drop_heads: list[int] = []
+        drop_channels: list[int] = []
+        if ratio <= 0 or not self._allowed(model, layer):
+            return drop_heads, drop_channels
+        if "o" in scores:
+            n_q, n_kv = attention_heads(model, layer)
+            heads = self.head_scores(scores["o"], n_q)
+            if self.head_unit == "query" and n_q != n_kv:  # the same count from every group
+                group = n_q // n_kv
+                per_group = min(int(ratio * group), group - 1)
+                for g in range(n_kv):
+                    local = heads[g * group : (g + 1) * group]
+                    drop_heads += [g * group + int(i) for i in torch.sort(local, stable=True)[1][:per_group]]
+            else:
+                units, unit_scores = self._head_units(model, layer, heads)
+                count = min(int(ratio * len(units)), len(units) - 1)
+                for u in torch.sort(unit_scores, stable=True)[1][:count]:
+                    drop_heads += units[int(u)]
+        if "mlp" in scores:
+            width = scores["mlp"].numel()
+            count = min(int(ratio * width), width - 1)
+            drop_channels = torch.sort(scores["mlp"], stable=True)[1][:count].tolist()
+        return sorted(drop_heads), sorted(drop_channels)
+
+    def _adaptive_plan(self, model, scores: dict[int, dict[str, torch.Tensor]]):
+        adapter = adapter_for(model)
+        n_layers = len(adapter.layers(model))
+        hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+        _, _, d = adapter.attention_shape(model.config)
+        n_producers = sum(1 for r in adapter.linears(model) if r.layer == 0 and r.role in PRODUCERS)
+        head_lists, chan_lists, units_of = [], [], {}
+        group = 1
+        for layer in range(n_layers):
+            s = scores.get(layer, {})
+            if "o" in s:
+                n_q, n_kv = attention_heads(model, layer)
+                group = n_q // n_kv
+                units, unit_scores = self._adaptive_units(model, layer, s["o"], n_q)
+                units_of[layer] = units
+                head_lists.append(unit_scores)
+            else:
+                head_lists.append(torch.zeros(0, dtype=torch.float64))
+            chan_lists.append(alloc.standardize(s["mlp"], self.standardization) if "mlp" in s
+                              else torch.zeros(0, dtype=torch.float64))
+        head_cost = hidden * d * (2 + 2 / group)
+        unit = group if self.head_unit == "kv_group" else 1
+        protect = {i for i in range(n_layers) if not self._allowed(model, i)}
+        hm, cm = alloc.adaptive(head_lists, chan_lists, self.sparsity, head_cost, hidden * (n_producers + 1),
+                                standardization=None, head_unit=unit, protect=protect)
+        plan = {}
+        for layer in range(n_layers):
+            drop_heads = [h for u, m in zip(units_of.get(layer, []), hm[layer].tolist()) if m for h in u]
+            plan[layer] = (sorted(drop_heads), torch.nonzero(cm[layer]).flatten().tolist())
+        return plan
+
+    def _adaptive_units(self, model, layer: int, dims: torch.Tensor, n_q: int):
+        """FLAP AL-AM: standardise per dimension over the layer, then average over each unit's dimensions."""
+        z = alloc.standardize(dims, self.standardization).view(n_q, -1)
+        n_kv = attention_heads(model, layer)[1]
+        group = n_q // n_kv
+        if group == 1 or self.head_unit == "query":
+            if group != 1:
+                raise PrunekitError("adaptive allocation under GQA removes whole KV groups: use head_unit='kv_group'")
+            return [[h] for h in range(n_q)], z.mean(1)
+        return [list(range(g * group, (g + 1) * group)) for g in range(n_kv)], z.view(n_kv, -1).mean(1)
+
+    def _cut(self, model, layer: int, refs: dict[str, LinearRef], stats, drop_heads: list[int], drop_channels: list[int]):
+        _, _, d = adapter_for(model).attention_shape(model.config)
+        if self.bias_compensation:
+            for kind, drop, unit in (("o", drop_heads, d), ("mlp", drop_channels, 1)):
+                if drop and kind in refs:
+                    idx = (torch.as_tensor(drop).unsqueeze(1) * unit + torch.arange(unit)).flatten()
+                    self._compensate(refs[kind], stats[refs[kind].name]["moments"].mean, idx)
+        if drop_channels:
+            width = refs["mlp"].in_features
+            cut_mlp_channels(model, layer, sorted(set(range(width)) - set(drop_channels)))
+        if drop_heads:
+            n_q = attention_heads(model, layer)[0]
+            cut_attention_heads(model, layer, sorted(set(range(n_q)) - set(drop_heads)))
+        self.removed[layer] = {"heads": drop_heads, "channels": drop_channels}
+
+    @staticmethod
+    def _compensate(ref: LinearRef, mean: torch.Tensor, removed: torch.Tensor) -> None:
+        """FLAP's baseline: bias += W[:, removed] · E[x_removed] (a bias is created where there was none)."""
+        extra = (ref.weight.to(torch.float64)[:, removed] @ mean[removed]).to(ref.module.weight.dtype)
+        module = ref.module
+        if getattr(module, "bias", None) is None:
+            module.bias = torch.nn.Parameter(torch.zeros(ref.out_features, dtype=module.weight.dtype), requires_grad=False)
+        module.bias.data += extra

@@ -1,0 +1,135 @@
+"""Structured strategies (wanda-sp, flap, magnitude-sp): reference formulas, allocation, bias compensation."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+import tiny
+from prunekit.arch import LinearRef
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+from prunekit.evaluate import linear_counts
+from prunekit.module import PrunableLM
+from prunekit.stats import ChannelMoments, ChannelSumSq
+from prunekit.strategies.flap import FLAP
+from prunekit.strategies.magnitude_sp import MagnitudeSP
+from prunekit.strategies.wanda_sp import WandaSP
+from prunekit.structured import StructuredStrategy
+from prunekit.surgery import structure
+
+WINDOWS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+class _Data:
+    def predict_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(WINDOWS), batch_size=2)
+
+
+def _run(folder, strategy) -> PrunableLM:
+    module = PrunableLM(str(folder))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, inference_mode=False, callbacks=[strategy])
+    strategy.run(trainer, module, _Data())
+    return module
+
+
+def _stats(x):
+    s, m = ChannelSumSq(x.shape[-1]), ChannelMoments(x.shape[-1])
+    s.update(x), m.update(x)
+    return {"act": s, "moments": m}
+
+
+def test_dimension_scores_follow_the_reference_formulas():
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 24), torch.randn(50, 24) * torch.linspace(0.1, 3, 24)
+    ref = LinearRef("l", 0, "down", nn.Linear(24, 16, bias=False))
+    ref.module.weight.data.copy_(w)
+    st = _stats(x)
+    w64, x64 = w.double(), x.double()
+    wanda = (w64.abs() * x64.square().sum(0).sqrt()).mean(0)  # mean over rows of |W| * ||X_j||
+    torch.testing.assert_close(WandaSP().dimension_scores(ref, st, attention=False), wanda)
+    wifv = x64.var(0, unbiased=False) * w64.square().sum(0)  # Var[x_j] * sum_i W_ij^2
+    torch.testing.assert_close(FLAP().dimension_scores(ref, st, attention=False), wifv)
+    torch.testing.assert_close(FLAP().dimension_scores(ref, st, attention=True), wifv.square())  # as the reference
+    torch.testing.assert_close(MagnitudeSP().dimension_scores(ref, {}, attention=False), w64.norm(dim=0))
+
+
+def test_bias_compensation_replaces_removed_inputs_by_their_mean():
+    torch.manual_seed(1)
+    lin = nn.Linear(12, 5, bias=False)
+    x = torch.randn(40, 12) + torch.linspace(-2, 2, 12)
+    ref = LinearRef("down", 0, "down", lin)
+    removed = torch.tensor([1, 4, 7])
+    kept = torch.tensor([i for i in range(12) if i not in removed])
+    target = x.clone()
+    target[:, removed] = x[:, removed].mean(0)
+    expected = lin(target)
+    StructuredStrategy._compensate(ref, _stats(x)["moments"].mean, removed)
+    got = x[:, kept] @ lin.weight[:, kept].T + lin.bias
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # and it is the best constant: the output error on the data is lower than without compensation
+    full = lin(x) - lin.bias
+    assert ((got - full) ** 2).sum() < ((x[:, kept] @ lin.weight[:, kept].T - full) ** 2).sum()
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_uniform_allocation_counts(tiny_models, family):
+    module = _run(tiny_models[family], WandaSP(sparsity=0.5))
+    gqa = family in ("llama", "gemma3_text")
+    for layer in structure(module.model):
+        assert layer["mlp_channels"] == tiny.FFN - int(0.5 * tiny.FFN)
+        assert (layer["heads"], layer["kv_heads"]) == ((2, 1) if gqa else (2, 2))  # a whole KV group under GQA
+
+
+def test_query_unit_keeps_every_kv_group(tiny_llama):
+    module = _run(tiny_llama, MagnitudeSP(sparsity=0.5, head_unit="query"))
+    assert {(l["heads"], l["kv_heads"]) for l in structure(module.model)} == {(2, 2)}
+
+
+def test_logistic_keeps_first_and_last_layers(tiny_llama):
+    module = _run(tiny_llama, WandaSP(sparsity=0.3, allocation="logistic", keep_first=1, keep_last=1))
+    widths = structure(module.model)
+    assert widths[0]["mlp_channels"] == widths[2]["mlp_channels"] == tiny.FFN
+    assert widths[1]["mlp_channels"] < tiny.FFN
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_flap_adaptive_meets_the_budget(tiny_models, ratio):
+    dense_total = linear_counts(PrunableLM(str(tiny_models["opt"])).model)[0]
+    module = _run(tiny_models["opt"], FLAP(sparsity=ratio))
+    removed = 1 - linear_counts(module.model)[0] / dense_total
+    head = 4 * tiny.HIDDEN * 16 / (tiny.LAYERS * (4 * tiny.HIDDEN * tiny.HIDDEN + 2 * tiny.HIDDEN * tiny.FFN))
+    assert ratio - head - 1e-9 <= removed <= ratio + 1e-9
+    assert module.model.model.decoder.layers[0].self_attn.out_proj.bias is not None
+
+
+def test_structured_cli_round_trip(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.seq_len", "64", "--data.num_samples", "4", "--data.eval_samples", "3"]
+    out = tmp_path / "flap"
+    assert main(["prune", "--model", str(tiny_llama), "--strategy", "flap", "--strategy.sparsity", "0.3", *data,
+                 "--output_dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pruned"]["pruned_fraction"] == pytest.approx(0.3, abs=0.05)
+    assert metrics["pruned"]["params_total"] < metrics["dense"]["params_total"]
+    assert len(metrics["structure"]) == tiny.LAYERS
+    assert main(["eval", "--model", str(out), *data, "--output_dir", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["perplexity"] == pytest.approx(metrics["pruned"]["perplexity"], rel=1e-6)
+    assert again["params_total"] == metrics["pruned"]["params_total"]
+
+
+def test_structured_bad_options():
+    with pytest.raises(PrunekitError, match="needs mode='all-at-once'"):
+        FLAP(mode="sequential")
+    with pytest.raises(PrunekitError, match="nothing to prune"):
+        WandaSP(prune_heads=False, prune_channels=False)
+    with pytest.raises(PrunekitError, match="head_unit"):
+        WandaSP(head_unit="rows")
+    with pytest.raises(PrunekitError, match="in \\[0, 1\\)"):
+        FLAP(sparsity=1.2)
