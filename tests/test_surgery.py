@@ -18,6 +18,16 @@ def _zero_channels(model, layer, drop):
             ref.weight[:, drop] = 0
 
 
+def _assert_same_behaviour(cut, zeroed, seed: int, length: int = 24) -> None:
+    """Same logits and the same greedy generation (with KV cache) as the model with zeroed columns."""
+    ids = torch.randint(0, tiny.VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
+        out = cut.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+        ref = zeroed.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_cut_equals_zeroed_and_generates(tiny_models, family):
     torch.manual_seed(0)
@@ -36,12 +46,7 @@ def test_cut_equals_zeroed_and_generates(tiny_models, family):
     removed = sum((tiny.FFN - w) for w in widths.values())
     per_channel = 3 * tiny.HIDDEN if family in ("llama", "gemma3_text") else 2 * tiny.HIDDEN + 1  # + fc1 bias
     assert sum(p.numel() for p in cut.parameters()) == before - removed * per_channel
-    ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
-        out = cut.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
-        ref = zeroed.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
-    assert torch.equal(out, ref)
+    _assert_same_behaviour(cut, zeroed, seed=1)
 
 
 def test_cut_rejects_bad_indices(tiny_llama):
@@ -75,12 +80,7 @@ def test_head_cut_equals_zeroed_and_generates(tiny_models, family):
         _zero_heads(zeroed, layer, sorted(set(range(n_q)) - set(keep)), d)
         assert attention_heads(cut, layer)[0] == len(keep)
     assert sum(p.numel() for p in cut.parameters()) < before
-    ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
-        out = cut.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
-        ref = zeroed.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=True)
-    assert torch.equal(out, ref)
+    _assert_same_behaviour(cut, zeroed, seed=2)
 
 
 def test_gqa_needs_consistent_heads_per_group(tiny_llama):
@@ -111,11 +111,7 @@ def test_gqa_9_query_3_kv_heads(tmp_path, keep):
     kv = len({h // 3 for h in keep})
     assert attention_heads(cut, 1) == (len(keep), kv)
     assert cut.model.layers[1].self_attn.num_key_value_groups == len(keep) // kv
-    ids = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(cut(ids).logits, zeroed(ids).logits, rtol=1e-5, atol=1e-5)
-        assert torch.equal(cut.generate(ids[:1, :4], max_new_tokens=5, do_sample=False),
-                           zeroed.generate(ids[:1, :4], max_new_tokens=5, do_sample=False))
+    _assert_same_behaviour(cut, zeroed, seed=4, length=16)
 
 
 def test_reload_in_a_fresh_process_gives_identical_logits(tiny_models, tmp_path):
