@@ -27,12 +27,14 @@ USAGE = """usage: prunekit {prune,eval,strategies} [options]
   prune        calibrate, prune, evaluate and save a model   (prunekit prune --help)
   eval         perplexity of a model or pruned folder         (prunekit eval --help)
   strategies   list the registered pruning strategies
+  bench        prefill/decode tokens/s of a model vs pruned folders  (prunekit bench --help)
 
 examples:
   prunekit prune --config configs/wanda.yaml
   prunekit prune --config configs/wanda.yaml --strategy.sparsity 0.6 --output_dir runs/wanda-60
   prunekit prune --strategy sparsegpt --strategy.pattern 2:4 --output_dir runs/sgpt-24
   prunekit eval --model runs/wanda-60
+  prunekit bench --model smollm2-135m --pruned [runs/flap-20]
 """
 
 
@@ -320,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             run_prune(PruneCLI(rest))
         elif command == "eval":
             run_eval(EvalCLI(rest))
+        elif command == "bench":
+            from jsonargparse import CLI
+
+            from prunekit.bench import main as bench_main
+
+            CLI(bench_main, args=rest)
         else:
             print(f"prunekit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2

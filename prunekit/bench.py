@@ -1,0 +1,116 @@
+"""Speed benchmark: dense vs pruned in one process, interleaved repetitions, medians.
+
+For each model: prefill tokens/s (one forward over ``batch × prompt_len`` tokens, no cache), decode tokens/s
+(greedy generation with the KV cache; decode time = generate time − prefill time of the same prompt), latency
+per generated token, parameter count and weight memory. The ideal speed-up is the ratio of multiply-accumulates
+per token spent in weight matrices (decoder projections + LM head), which is what pruning can remove; the
+measured/ideal ratio (issue target: ≥ 0.9 at 50% structured) says how much of it the hardware turns into speed. Zeros do not count as removed: only
+physically smaller matrices make a model faster.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from prunekit.arch import adapter_for
+
+
+def matmul_macs_per_token(model: torch.nn.Module) -> int:
+    """Weights multiplied once per token: decoder projections and the LM head (embeddings are lookups)."""
+    macs = sum(ref.weight.numel() for ref in adapter_for(model).linears(model))
+    head = model.get_output_embeddings()
+    return macs + (head.weight.numel() if head is not None else 0)
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict[str, float]:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    prefill = _time(lambda: model(input_ids=ids, use_cache=False))
+    generate = _time(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                                            pad_token_id=0))
+    decode = max(generate - prefill, 1e-9)
+    return {"prefill_tok_s": batch * prompt_len / prefill, "decode_tok_s": batch * new_tokens / decode,
+            "latency_ms_per_token": 1000 * decode / new_tokens}
+
+
+def bench(models: dict[str, torch.nn.Module], batch_sizes=(1, 4), prompt_len: int = 128, new_tokens: int = 32,
+          repeats: int = 3, progress: bool = True) -> list[dict]:
+    """Median figures per (model, batch size), measured in interleaved order; the first model is the baseline."""
+    from tqdm.auto import tqdm
+
+    for m in models.values():
+        m.eval()
+        measure(m, 1, 8, 2)  # warm-up
+    samples: dict[tuple[str, int], list[dict]] = {}
+    steps = [(r, b, name) for r in range(repeats) for b in batch_sizes for name in models]
+    for r, b, name in tqdm(steps, desc="bench", disable=not progress):
+        samples.setdefault((name, b), []).append(measure(models[name], b, prompt_len, new_tokens, seed=r))
+    base_name = next(iter(models))
+    base_macs = matmul_macs_per_token(models[base_name])
+    rows = []
+    for (name, b), runs in samples.items():
+        model = models[name]
+        row = {"model": name, "batch": b, "params": sum(p.numel() for p in model.parameters()),
+               "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+               "ideal_speedup": base_macs / matmul_macs_per_token(model)}
+        for key in runs[0]:
+            row[key] = statistics.median(run[key] for run in runs)
+        rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["model"] == base_name and r["batch"] == row["batch"])
+        row["prefill_speedup"] = row["prefill_tok_s"] / base["prefill_tok_s"]
+        row["decode_speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
+        row["decode_vs_ideal"] = row["decode_speedup"] / row["ideal_speedup"]
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| model | batch | params | prefill tok/s | decode tok/s | ms/token | decode speed-up | ideal | gain vs ideal |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['decode_vs_ideal']:.2f}"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['prefill_tok_s']:.0f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['latency_ms_per_token']:.1f} | {r['decode_speedup']:.2f}x | "
+                     f"{r['ideal_speedup']:.2f}x | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(model: str = "smollm2-135m", pruned: list[str] | None = None, batch_sizes: list[int] | None = None,
+         prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, output: str | None = None) -> list[dict]:
+    """Benchmark a dense model against pruned folders.
+
+    Args:
+        model: the baseline (zoo name or folder).
+        pruned: folders written by ``prunekit prune`` (physically cut models are the ones that get faster).
+        batch_sizes: decode batch sizes (default 1 and 4).
+        prompt_len: prompt tokens (prefill).
+        new_tokens: generated tokens per sequence (decode).
+        repeats: interleaved repetitions; medians are reported.
+        output: optional JSON file for the rows.
+    """
+    import json
+
+    from prunekit.models import load_model
+
+    models = {Path(model).name: load_model(model)}
+    for folder in pruned or []:
+        models[Path(folder).name] = load_model(folder)
+    rows = bench(models, tuple(batch_sizes or (1, 4)), prompt_len, new_tokens, repeats)
+    print(f"\nthreads: {torch.get_num_threads()}; prompt {prompt_len} tokens; {new_tokens} new tokens; "
+          f"median of {repeats} interleaved repetitions")
+    print(format_rows(rows))
+    if output:
+        Path(output).write_text(json.dumps(rows, indent=2))
+    return rows
