@@ -197,9 +197,9 @@ def run_prune(cli: PruneCLI) -> dict:
                  "eval_windows": int(dm.evaluation_windows().shape[0])},
         "world_size": trainer.world_size,
     }
-    dense_linear = linear_counts(module.model)[0]
+    dense_linear, dense_nonzero = linear_counts(module.model)
     dense = {**parameter_counts(module.model), "sparsity": dense_summary["sparsity_linear"],
-             "pruned_fraction": 1 - linear_counts(module.model)[1] / dense_linear}
+             "pruned_fraction": 1 - dense_nonzero / dense_linear}
     if cli.config.eval_dense:
         t = time.perf_counter()
         dense["perplexity"] = perplexity(trainer, module, dm)

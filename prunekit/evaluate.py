@@ -33,15 +33,6 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"params_total": total, "params_nonzero": nonzero}
 
 
-def linear_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(weights, non-zero weights) of the decoder projections: what pruning ratios are measured against."""
-    total = nonzero = 0
-    for ref in adapter_for(model).linears(model):
-        total += ref.weight.numel()
-        nonzero += int(torch.count_nonzero(ref.weight))
-    return total, nonzero
-
-
 def sparsity_report(model: torch.nn.Module) -> list[dict]:
     """Fraction of zero weights per decoder layer and projection role."""
     rows = []
@@ -50,6 +41,13 @@ def sparsity_report(model: torch.nn.Module) -> list[dict]:
         rows.append({"layer": ref.layer, "role": ref.role, "name": ref.name, "numel": w.numel(),
                      "zeros": int(w.numel() - torch.count_nonzero(w))})
     return rows
+
+
+def linear_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights, non-zero weights) of the decoder projections: what pruning ratios are measured against."""
+    rows = sparsity_report(model)
+    total = sum(r["numel"] for r in rows)
+    return total, total - sum(r["zeros"] for r in rows)
 
 
 def summarize_sparsity(rows: list[dict]) -> dict:

@@ -95,6 +95,15 @@ class StructuredStrategy(PruningStrategy):
                 "keep_first": self.keep_first, "keep_last": self.keep_last,
                 "bias_compensation": self.bias_compensation}
 
+    def targets(self, model) -> list[LinearRef]:
+        """The consumer projections; also refuse, before any calibration, a head unit the model cannot use."""
+        refs = super().targets(model)
+        if self.prune_heads and self.allocation == "adaptive" and self.head_unit == "query":
+            n_q, n_kv = attention_heads(model, 0)
+            if n_q != n_kv:
+                raise PrunekitError("adaptive allocation under GQA removes whole KV groups: use head_unit='kv_group'")
+        return refs
+
     # --------------------------------------------------------------------------- subclass interface
     def dimension_scores(self, ref: LinearRef, stats: dict[str, Statistic], attention: bool) -> torch.Tensor:
         """One score per input dimension of a consumer projection (o_proj or down_proj); higher = keep."""
@@ -203,9 +212,7 @@ class StructuredStrategy(PruningStrategy):
         z = alloc.standardize(dims, self.standardization).view(n_q, -1)
         n_kv = attention_heads(model, layer)[1]
         group = n_q // n_kv
-        if group == 1 or self.head_unit == "query":
-            if group != 1:
-                raise PrunekitError("adaptive allocation under GQA removes whole KV groups: use head_unit='kv_group'")
+        if group == 1:
             return [[h] for h in range(n_q)], z.mean(1)
         return [list(range(g * group, (g + 1) * group)) for g in range(n_kv)], z.view(n_kv, -1).mean(1)
 

@@ -47,6 +47,3 @@ class FLAP(StructuredStrategy):
     def dimension_scores(self, ref, stats, attention: bool) -> torch.Tensor:
         wifv = stats["moments"].variance() * ref.weight.to(torch.float64).square().sum(0)
         return wifv.square() if attention else wifv
-
-    def head_scores(self, dims: torch.Tensor, heads: int) -> torch.Tensor:
-        return dims.view(heads, -1).sum(1)

@@ -133,3 +133,9 @@ def test_structured_bad_options():
         WandaSP(head_unit="rows")
     with pytest.raises(PrunekitError, match="in \\[0, 1\\)"):
         FLAP(sparsity=1.2)
+
+
+def test_adaptive_query_unit_under_gqa_is_refused_before_calibration(tiny_llama):
+    strategy = FLAP(sparsity=0.3, head_unit="query")
+    with pytest.raises(PrunekitError, match="whole KV groups"):
+        strategy.targets(PrunableLM(str(tiny_llama)).model)
