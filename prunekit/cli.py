@@ -250,12 +250,13 @@ def run_prune(cli: PruneCLI) -> dict:
     _log_and_close(trainer, flat, strategy.describe())
 
     config_text = cli.parser.dump(cli.config, skip_none=False)
+    plain: list[bool] = []
 
     def write(tmp: Path) -> None:
         if cli.config.save_model:
             from prunekit.export import save_pruned
 
-            save_pruned(module.model, tmp, dm.tokenizer)
+            plain.append(save_pruned(module.model, tmp, dm.tokenizer))
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
         (tmp / "prunekit.json").write_text(json.dumps({"pruned_by": strategy.describe(), "source": module.model_name}, indent=2))
@@ -267,6 +268,10 @@ def run_prune(cli: PruneCLI) -> dict:
 
     out = write_atomically(cli.config.output_dir, cli.config.overwrite, write)
     print(f"saved to {out}")
+    if plain and "structure" in result:
+        how = ("transformers.AutoModelForCausalLM.from_pretrained or prunekit.load_pruned" if plain[0] else
+               "prunekit.load_pruned (per-layer widths; plain AutoModelForCausalLM needs uniform widths)")
+        print(f"reload with {how}")
     return result
 
 

@@ -48,17 +48,85 @@ def write_atomically(output_dir: str | Path, overwrite: bool, write: Callable[[P
 STRUCTURE_FILE = "prunekit_structure.json"
 
 
-def save_pruned(model, folder: str | Path, tokenizer=None) -> None:
-    """Save a (possibly physically cut) model: safetensors weights, config, tokenizer, per-layer widths."""
+def save_pruned(model, folder: str | Path, tokenizer=None) -> bool:
+    """Save a (possibly physically cut) model: safetensors weights, config, tokenizer, per-layer widths.
+
+    When every decoder layer has the same widths and the family's config can state them (``plain_config``),
+    the written config carries the new widths, so plain ``AutoModelForCausalLM.from_pretrained`` loads the
+    folder too; returns whether it does. Otherwise the config stays the source model's and only
+    ``load_pruned`` (or ``prunekit.models.load_model``) rebuilds the per-layer widths.
+    """
     import json
 
     from prunekit.surgery import structure
 
     folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
+    plain = plain_config(model)
+    if plain is None:
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        config, state = plain
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+        config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    (folder / STRUCTURE_FILE).write_text(json.dumps({"layers": structure(model)}, indent=1))
+    record = {"plain_loadable": plain is not None, "layers": structure(model)}
+    (folder / STRUCTURE_FILE).write_text(json.dumps(record, indent=1))
+    return plain is not None
+
+
+_MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
+
+
+def plain_config(model):
+    """(config, state dict) that let plain ``AutoModelForCausalLM`` rebuild this cut model, or None.
+
+    Possible when all layers share their MLP width, head counts and biased projections, and the family's
+    config has a key for each changed width (an explicit ``head_dim`` is needed once heads are cut, so the
+    head size does not follow hidden/heads). Biases that FLAP's compensation added switch on the config's
+    ``attention_bias`` / ``mlp_bias``; projections that then expect a bias get an exact zero one. The
+    candidate is checked by building it on the meta device and comparing every parameter's name and shape.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.arch import ATTN_ROLES, adapter_for
+    from prunekit.surgery import structure
+
+    layers = structure(model)
+    keys = ("mlp_channels", "heads", "kv_heads", "biased")
+    if any({k: spec[k] for k in keys} != {k: layers[0][k] for k in keys} for spec in layers):
+        return None
+    config = copy.deepcopy(model.config)
+    n_q, n_kv, head_dim = adapter_for(model).attention_shape(config)
+    spec = layers[0]
+    mlp_key = next((k for k in _MLP_WIDTH_KEYS if hasattr(config, k)), None)
+    if mlp_key is None:
+        return None
+    setattr(config, mlp_key, spec["mlp_channels"])
+    if (spec["heads"], spec["kv_heads"]) != (n_q, n_kv):
+        if not hasattr(config, "head_dim") or not hasattr(config, "num_key_value_heads"):
+            return None
+        config.head_dim = head_dim
+        config.num_attention_heads, config.num_key_value_heads = spec["heads"], spec["kv_heads"]
+    if any(role in ATTN_ROLES for role in spec["biased"]) and hasattr(config, "attention_bias"):
+        config.attention_bias = True
+    if any(role not in ATTN_ROLES for role in spec["biased"]) and hasattr(config, "mlp_bias"):
+        config.mlp_bias = True
+    with torch.device("meta"):
+        candidate = AutoModelForCausalLM.from_config(config)
+    want = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+    state = dict(model.state_dict())
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if any(want.get(k) != shape for k, shape in have.items()):
+        return None
+    for key in set(want) - set(have):
+        if not key.endswith(".bias"):
+            return None
+        state[key] = torch.zeros(want[key], dtype=model.dtype)
+    return config, state
 
 
 def load_pruned(path: str | Path, dtype: str = "float32"):

@@ -147,3 +147,49 @@ def test_reload_in_a_fresh_process_gives_identical_logits(tiny_models, tmp_path)
     reloaded = torch.load(tmp_path / "reloaded.pt")
     for family in tiny_models:
         torch.testing.assert_close(reloaded[family], expected[family], rtol=0, atol=0, msg=family)
+
+
+def test_uniform_widths_load_with_plain_automodel(tiny_models, tmp_path):
+    """Uniform cut widths (+ compensation biases) → a config plain ``from_pretrained`` rebuilds exactly.
+
+    Families whose head size follows hidden/heads (OPT, GPT-2, GPT-NeoX) can state a cut MLP width but not
+    cut heads; for those the folder says so and still loads through ``load_pruned``.
+    """
+    import json
+
+    from prunekit.export import STRUCTURE_FILE, load_pruned, save_pruned
+    from prunekit.surgery import attention_heads, cut_attention_heads
+
+    ids = torch.randint(0, tiny.VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
+    for family, folder in tiny_models.items():
+        for cut_heads in (False, True):
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            for layer in range(tiny.LAYERS):
+                cut_mlp_channels(model, layer, list(range(0, tiny.FFN, 2)))
+                if cut_heads:
+                    n_q, n_kv = attention_heads(model, layer)
+                    cut_attention_heads(model, layer, [0, 1] if n_kv < n_q else [0, 2])
+                biased = ("o", "down") if family == "llama" else ("o",)  # Gemma 3's config has no mlp_bias
+                for ref in adapter_for(model).linears(model):
+                    if ref.layer == layer and ref.role in biased and ref.module.bias is None:
+                        ref.module.bias = torch.nn.Parameter(torch.randn(ref.out_features) * 0.1, requires_grad=False)
+            out = tmp_path / f"{family}-{cut_heads}"
+            plain = save_pruned(model, out, tiny.tokenizer())
+            assert json.loads((out / STRUCTURE_FILE).read_text())["plain_loadable"] == plain
+            with torch.no_grad():
+                expected = model(ids).logits
+                torch.testing.assert_close(load_pruned(out)(ids).logits, expected, rtol=0, atol=0)
+                if family in ("llama", "gemma3_text") or not cut_heads:
+                    assert plain, (family, cut_heads)
+                    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+                    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0, msg=family)
+                else:
+                    assert not plain, (family, cut_heads)
+
+
+def test_non_uniform_widths_are_not_plain_loadable(tiny_models, tmp_path):
+    from prunekit.export import plain_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    cut_mlp_channels(model, 0, list(range(10)))
+    assert plain_config(model) is None
