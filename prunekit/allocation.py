@@ -111,13 +111,15 @@ def adaptive(
     standardization: Literal["zscore", "robust"] | None = "zscore",
     head_unit: int = 1,
     protect: set[int] | None = None,
+    allow_empty: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Global selection (FLAP AL-AM): return per-layer bool masks of heads and channels to *remove*.
 
     ``head_scores[l]`` are already grouped into removable units of ``head_unit`` heads (GQA); units and
     channels of all layers are ranked together by standardised score and removed, lowest first, while the
-    removed cost stays within ``ratio`` of the total. ``standardization=None``: scores are already comparable. Layers in ``protect`` are never touched. At least one
-    head unit and one channel stay in every layer.
+    removed cost stays within ``ratio`` of the total. ``standardization=None``: scores are already comparable.
+    Layers in ``protect`` are never touched. At least one head unit and one channel stay in every layer unless
+    ``allow_empty`` (FLAP's reference thresholds the pooled scores with no such floor).
     """
     check_ratio(ratio)
     protect = protect or set()
@@ -139,7 +141,7 @@ def adaptive(
         if removed + cost > budget + 1e-9:
             continue  # a cheaper unit further down may still fit
         masks = head_masks if kind == "head" else chan_masks
-        if masks[layer].sum() + 1 >= masks[layer].numel():
+        if not allow_empty and masks[layer].sum() + 1 >= masks[layer].numel():
             continue  # keep at least one unit
         masks[layer][i] = True
         removed += cost

@@ -6,9 +6,15 @@ scores into head and channel scores, spreads the global ratio over layers (``pru
 optionally compensates the removed channels' mean contribution with a bias (FLAP), and cuts the model
 physically (``prunekit.surgery``).
 
-``sparsity`` is the requested fraction of attention+MLP weights to remove. With uniform/logistic allocation
-every prunable layer removes ``int(ρ_ℓ · units)`` head units and ``int(ρ_ℓ · channels)`` channels, as the
-references do (floor), so the achieved ratio can fall slightly short; it is reported, never assumed.
+``sparsity`` is the requested fraction of attention+MLP weights to remove (of the kinds being pruned: with
+``prune_heads=False`` it is the fraction of MLP channels). With uniform/logistic allocation every prunable
+layer ℓ removes ``int(ρ_ℓ · units)`` head units, as the references do, and then — ``meet_ratio=True``, the
+default — as many channels as bring the layer's removed attention+MLP weights to ρ_ℓ of them (nearest
+channel). The references instead take ``int(ρ_ℓ · channels)`` channels independently (``meet_ratio=False``);
+with multi-head attention the two agree to within a head, but under grouped-query attention the units are
+coarse (SmolLM2: 3 KV groups per layer, so 20% removes no head at all) and the independent floors remove
+15% instead of the requested 20%, which would make methods at "the same ratio" incomparable. The achieved
+ratio is reported either way, never assumed.
 
 Head units under grouped-query attention (``head_unit``): ``kv_group`` removes whole KV groups with all their
 query heads (group score = sum of its heads' scores); ``query`` removes the same number of query heads from
@@ -42,6 +48,9 @@ class StructuredStrategy(PruningStrategy):
         keep_first / keep_last: layers kept dense (default: 2 and 2 for logistic, else 0).
         logistic_k / logistic_x0: the logistic schedule's slope and midpoint (SEAP: 0.8, 0.3).
         standardization: ``zscore`` (FLAP) or ``robust`` (SEAP) for adaptive allocation.
+        meet_ratio: uniform/logistic: channels make up each layer's head-rounding shortfall (module docstring).
+        allow_empty: a layer may lose all its heads or all its channels (FLAP's reference allows it; the
+            default keeps at least one unit of each, see ``prunekit.surgery`` for how empty layers run).
         bias_compensation: add W[:, removed] · mean(x[removed]) to the consumer's bias (FLAP).
         mode: ``all-at-once`` (statistics of the dense model) or ``sequential``.
         layers: decoder layers allowed to lose units (default: all).
@@ -62,6 +71,8 @@ class StructuredStrategy(PruningStrategy):
         logistic_k: float = 0.8,
         logistic_x0: float = 0.3,
         standardization: Literal["zscore", "robust"] = "zscore",
+        meet_ratio: bool = True,
+        allow_empty: bool = False,
         bias_compensation: bool = False,
         mode: Literal["sequential", "all-at-once"] = "all-at-once",
         layers: list[int] | None = None,
@@ -83,7 +94,7 @@ class StructuredStrategy(PruningStrategy):
         self.keep_last = default_keep if keep_last is None else keep_last
         self.prune_heads, self.prune_channels, self.head_unit = prune_heads, prune_channels, head_unit
         self.logistic_k, self.logistic_x0, self.standardization = logistic_k, logistic_x0, standardization
-        self.bias_compensation = bias_compensation
+        self.bias_compensation, self.meet_ratio, self.allow_empty = bias_compensation, meet_ratio, allow_empty
         stats = dict(self.dimension_stats)
         if bias_compensation:
             stats.setdefault("moments", ChannelMoments)
@@ -92,12 +103,15 @@ class StructuredStrategy(PruningStrategy):
 
     def describe(self) -> dict:
         return {**super().describe(), "allocation": self.allocation, "head_unit": self.head_unit,
-                "keep_first": self.keep_first, "keep_last": self.keep_last,
+                "keep_first": self.keep_first, "keep_last": self.keep_last, "meet_ratio": self.meet_ratio,
+                "allow_empty": self.allow_empty,
                 "bias_compensation": self.bias_compensation}
 
     def targets(self, model) -> list[LinearRef]:
         """The consumer projections; also refuse, before any calibration, a head unit the model cannot use."""
-        refs = super().targets(model)
+        refs = [r for r in super().targets(model) if r.in_features > 0]  # an emptied layer has nothing left
+        if not refs:
+            raise PrunekitError("every selected layer is already empty: nothing left to prune")
         if self.prune_heads and self.allocation == "adaptive" and self.head_unit == "query":
             n_q, n_kv = attention_heads(model, 0)
             if n_q != n_kv:
@@ -151,6 +165,11 @@ class StructuredStrategy(PruningStrategy):
         units = [list(range(g * group, (g + 1) * group)) for g in range(n_kv)]
         return units, head_scores.view(n_kv, group).sum(1)
 
+    @property
+    def _floor(self) -> int:
+        """Units every layer keeps of each kind."""
+        return 0 if self.allow_empty else 1
+
     def _layer_plan(self, model, layer: int, scores: dict[str, torch.Tensor], ratio: float):
         drop_heads: list[int] = []
         drop_channels: list[int] = []
@@ -161,20 +180,38 @@ class StructuredStrategy(PruningStrategy):
             heads = self.head_scores(scores["o"], n_q)
             if self.head_unit == "query" and n_q != n_kv:  # the same count from every group
                 group = n_q // n_kv
-                per_group = min(int(ratio * group), group - 1)
+                per_group = min(int(ratio * group), group - self._floor)
                 for g in range(n_kv):
                     local = heads[g * group : (g + 1) * group]
                     drop_heads += [g * group + int(i) for i in torch.sort(local, stable=True)[1][:per_group]]
             else:
                 units, unit_scores = self._head_units(model, layer, heads)
-                count = min(int(ratio * len(units)), len(units) - 1)
+                count = min(int(ratio * len(units)), len(units) - self._floor)
                 for u in torch.sort(unit_scores, stable=True)[1][:count]:
                     drop_heads += units[int(u)]
         if "mlp" in scores:
             width = scores["mlp"].numel()
-            count = min(int(ratio * width), width - 1)
+            count = int(ratio * width)
+            if self.meet_ratio and "o" in scores:
+                attn, mlp, removed = self._layer_weights(model, layer, drop_heads)
+                count = round((ratio * (attn + mlp) - removed) / (mlp / width))
+            count = max(0, min(count, width - self._floor))
             drop_channels = torch.sort(scores["mlp"], stable=True)[1][:count].tolist()
         return sorted(drop_heads), sorted(drop_channels)
+
+    @staticmethod
+    def _layer_weights(model, layer: int, drop_heads: list[int]) -> tuple[int, int, int]:
+        """(attention weights, MLP weights, attention weights that removing ``drop_heads`` takes) of a layer."""
+        adapter = adapter_for(model)
+        refs = [r for r in adapter.linears(model) if r.layer == layer]
+        attn = sum(r.weight.numel() for r in refs if r.group == "attn")
+        mlp = sum(r.weight.numel() for r in refs if r.group == "mlp")
+        hidden = next(r for r in refs if r.role == "o").out_features
+        _, _, d = adapter.attention_shape(model.config)
+        n_q, n_kv = attention_heads(model, layer)
+        group = n_q // n_kv
+        gone_kv = sum(1 for g in range(n_kv) if set(range(g * group, (g + 1) * group)) <= set(drop_heads))
+        return attn, mlp, 2 * hidden * d * (len(drop_heads) + gone_kv)
 
     def _adaptive_plan(self, model, scores: dict[int, dict[str, torch.Tensor]]):
         adapter = adapter_for(model)
@@ -200,7 +237,7 @@ class StructuredStrategy(PruningStrategy):
         unit = group if self.head_unit == "kv_group" else 1
         protect = {i for i in range(n_layers) if not self._allowed(model, i)}
         hm, cm = alloc.adaptive(head_lists, chan_lists, self.sparsity, head_cost, hidden * (n_producers + 1),
-                                standardization=None, head_unit=unit, protect=protect)
+                                standardization=None, head_unit=unit, protect=protect, allow_empty=self.allow_empty)
         plan = {}
         for layer in range(n_layers):
             drop_heads = [h for u, m in zip(units_of.get(layer, []), hm[layer].tolist()) if m for h in u]
@@ -225,10 +262,10 @@ class StructuredStrategy(PruningStrategy):
                     self._compensate(refs[kind], stats[refs[kind].name]["moments"].mean, idx)
         if drop_channels:
             width = refs["mlp"].in_features
-            cut_mlp_channels(model, layer, sorted(set(range(width)) - set(drop_channels)))
+            cut_mlp_channels(model, layer, sorted(set(range(width)) - set(drop_channels)), self.allow_empty)
         if drop_heads:
             n_q = attention_heads(model, layer)[0]
-            cut_attention_heads(model, layer, sorted(set(range(n_q)) - set(drop_heads)))
+            cut_attention_heads(model, layer, sorted(set(range(n_q)) - set(drop_heads)), self.allow_empty)
         self.removed[layer] = {"heads": drop_heads, "channels": drop_channels}
 
     @staticmethod

@@ -10,7 +10,13 @@ Grouped-query attention (``num_key_value_heads`` < ``num_attention_heads``): the
 is kept when at least one of its query heads is kept, and every kept group must keep the same number of query
 heads (so ``num_key_value_groups`` stays one number per layer). That admits both documented units: whole KV
 groups with all their query heads, or the same count of query heads within every group.
-(Allocation and reload of per-layer widths follow in the structured-pruning issue.)
+
+Empty layers: with ``allow_empty=True`` a layer may lose every MLP channel (its MLP then outputs just the
+consumer's bias, or zeros) or every attention head. A headless attention module keeps its (now 0-wide)
+projections so weights and names stay the family's own, but its forward is replaced: it returns the output
+projection's bias (or zeros), and still appends empty (0-head) keys/values to the KV cache so the cache's
+length bookkeeping stays right for ``generate``. Every supported family runs such layers; the tests check
+logits and cached generation against the zeroed model.
 """
 
 from __future__ import annotations
@@ -41,6 +47,22 @@ def _keep_cols(module: nn.Module, keep: torch.Tensor, transposed: bool) -> None:
     new = w[keep] if transposed else w[:, keep]
     module.weight = nn.Parameter(new.clone(), requires_grad=module.weight.requires_grad)
     _update_features(module, transposed)
+    if transposed and keep.numel() == 0:
+        _swap_forward(module, _inputless_conv1d_forward, "Inputless")
+
+
+_SWAPPED: dict[tuple[type, str], type] = {}
+
+
+def _swap_forward(module: nn.Module, forward, prefix: str) -> None:
+    """Give one module instance a replacement forward via a cached subclass (names and weights unchanged)."""
+    cls = type(module)
+    if cls.__name__.startswith(prefix):
+        return
+    key = (cls, prefix)
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(f"{prefix}{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    module.__class__ = _SWAPPED[key]
 
 
 def _update_features(module: nn.Module, transposed: bool) -> None:
@@ -58,7 +80,7 @@ def mlp_width(model: nn.Module, layer: int) -> int:
     return refs[0].in_features
 
 
-def cut_mlp_channels(model: nn.Module, layer: int, keep: torch.Tensor | list[int]) -> None:
+def cut_mlp_channels(model: nn.Module, layer: int, keep: torch.Tensor | list[int], allow_empty: bool = False) -> None:
     """Keep only MLP channels ``keep`` (sorted, unique indices) of decoder layer ``layer``, in place."""
     refs = [r for r in adapter_for(model).linears(model) if r.layer == layer]
     producers = [r for r in refs if r.role in PRODUCERS]
@@ -69,8 +91,9 @@ def cut_mlp_channels(model: nn.Module, layer: int, keep: torch.Tensor | list[int
     keep = torch.as_tensor(keep, dtype=torch.long).unique(sorted=True)
     if keep.numel() and (keep.min() < 0 or keep.max() >= width):
         raise PrunekitError(f"MLP channel indices must be in [0, {width}) for layer {layer}")
-    if keep.numel() == 0:
-        raise PrunekitError(f"cannot remove every MLP channel of layer {layer}; keep at least one")
+    if keep.numel() == 0 and not allow_empty:
+        raise PrunekitError(f"cannot remove every MLP channel of layer {layer}; keep at least one "
+                            "(or let the strategy empty layers: allow_empty=true)")
     for ref in producers:
         _keep_rows(ref.module, keep, ref.transposed)
     _keep_cols(consumers[0].module, keep, consumers[0].transposed)
@@ -85,7 +108,7 @@ def _attention(model: nn.Module, layer: int):
 
 
 def attention_heads(model: nn.Module, layer: int) -> tuple[int, int]:
-    """(query heads, key/value heads) currently in a decoder layer."""
+    """(query heads, key/value heads) currently in a decoder layer; (0, 0) once it lost all of them."""
     refs, _ = _attention(model, layer)
     _, _, head_dim = adapter_for(model).attention_shape(model.config)
     q = refs["o"].in_features // head_dim
@@ -94,25 +117,54 @@ def attention_heads(model: nn.Module, layer: int) -> tuple[int, int]:
     return q, q
 
 
+def _headless_forward(self, hidden_states, *args, **kwargs):
+    """Forward of an attention module without heads: the output projection of nothing, plus cache upkeep."""
+    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an encoder-decoder cache
+    batch, length = hidden_states.shape[:2]
+    if cache is not None:
+        empty = hidden_states.new_zeros(batch, 0, length, self._prunekit_head_dim)
+        cache.update(empty, empty, self.layer_idx)
+    return _nothing_projected(self.get_submodule(self._prunekit_output), hidden_states), None
+
+
+def _nothing_projected(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """What a projection with no inputs outputs: its bias (or zeros), shaped like ``like``."""
+    out = like.new_zeros(like.shape)
+    bias = getattr(module, "bias", None)
+    return out if bias is None else out + bias
+
+
+def _inputless_conv1d_forward(self, x):
+    """transformers' Conv1D cannot view a 0-wide input; with no inputs the output is the bias."""
+    return _nothing_projected(self, x.new_zeros(*x.shape[:-1], self.nf))
+
+
+def _make_headless(attn: nn.Module, output: str, head_dim: int) -> None:
+    _swap_forward(attn, _headless_forward, "Headless")
+    attn._prunekit_output, attn._prunekit_head_dim = output, head_dim
+
+
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
 
 
-def cut_attention_heads(model: nn.Module, layer: int, keep: torch.Tensor | list[int]) -> None:
+def cut_attention_heads(model: nn.Module, layer: int, keep: torch.Tensor | list[int], allow_empty: bool = False) -> None:
     """Keep only query heads ``keep`` of decoder layer ``layer`` (and the KV heads they use), in place."""
     adapter = adapter_for(model)
     refs, attn = _attention(model, layer)
     _, _, d = adapter.attention_shape(model.config)
     n_q, n_kv = attention_heads(model, layer)
     keep = torch.as_tensor(keep, dtype=torch.long).unique(sorted=True)
-    if keep.numel() == 0:
-        raise PrunekitError(f"cannot remove every attention head of layer {layer}; keep at least one")
-    if keep.min() < 0 or keep.max() >= n_q:
+    if keep.numel() == 0 and not allow_empty:
+        raise PrunekitError(f"cannot remove every attention head of layer {layer}; keep at least one "
+                            "(or let the strategy empty layers: allow_empty=true)")
+    if keep.numel() and (keep.min() < 0 or keep.max() >= n_q):
         raise PrunekitError(f"attention head indices must be in [0, {n_q}) for layer {layer}")
-    group = n_q // n_kv
+    group = n_q // n_kv if n_kv else 1
     kv_keep = (keep // group).unique(sorted=True)
     per_group = torch.bincount(keep // group, minlength=n_kv)[kv_keep]
-    if (per_group != per_group[0]).any():
+    if per_group.numel() and (per_group != per_group[0]).any():
         raise PrunekitError(
             f"layer {layer}: grouped-query attention ({n_q} query / {n_kv} KV heads) needs the same number of kept "
             f"query heads in every kept KV group, got {per_group.tolist()} for groups {kv_keep.tolist()}"
@@ -132,8 +184,10 @@ def cut_attention_heads(model: nn.Module, layer: int, keep: torch.Tensor | list[
             _keep_rows(refs[role].module, kv_rows, refs[role].transposed)
     _keep_cols(refs["o"].module, q_rows, refs["o"].transposed)
     kept = keep.numel()
+    if kept == 0:
+        _make_headless(attn, adapter.linear_paths["o"].rsplit(".", 1)[-1], d)
     if hasattr(attn, "num_key_value_groups"):
-        attn.num_key_value_groups = kept // kv_keep.numel()
+        attn.num_key_value_groups = kept // kv_keep.numel() if kept else 1
     for name in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(attn, name, None), int):
             setattr(attn, name, kept)
@@ -164,9 +218,11 @@ def apply_structure(model: nn.Module, layers: list[dict]) -> None:
         raise PrunekitError(f"recorded structure has {len(layers)} layers, the model {len(adapter.layers(model))}")
     for i, spec in enumerate(layers):
         if spec["mlp_channels"] != mlp_width(model, i):
-            cut_mlp_channels(model, i, range(spec["mlp_channels"]))
+            cut_mlp_channels(model, i, range(spec["mlp_channels"]), allow_empty=True)
         n_q, n_kv = attention_heads(model, i)
-        if (spec["heads"], spec["kv_heads"]) != (n_q, n_kv):
+        if spec["heads"] == 0 and n_q:
+            cut_attention_heads(model, i, [], allow_empty=True)
+        elif (spec["heads"], spec["kv_heads"]) != (n_q, n_kv):
             per_group, group = spec["heads"] // spec["kv_heads"], n_q // n_kv
             keep = [g * group + j for g in range(spec["kv_heads"]) for j in range(per_group)]
             cut_attention_heads(model, i, keep)

@@ -86,6 +86,19 @@ def test_uniform_allocation_counts(tiny_models, family):
         assert (layer["heads"], layer["kv_heads"]) == ((2, 1) if gqa else (2, 2))  # a whole KV group under GQA
 
 
+def test_uniform_meets_the_ratio_despite_coarse_gqa_heads(tiny_llama):
+    """0.3 of 2 KV groups floors to no head: channels take the layer's whole budget (reference floors: 38)."""
+    dense = linear_counts(PrunableLM(str(tiny_llama)).model)[0]
+    module = _run(tiny_llama, WandaSP(sparsity=0.3))
+    layers = structure(module.model)
+    assert {(l["heads"], l["kv_heads"]) for l in layers} == {(4, 2)}
+    channel = 3 * tiny.HIDDEN
+    removed = dense - linear_counts(module.model)[0]
+    assert abs(removed - 0.3 * dense) <= tiny.LAYERS * channel / 2
+    reference = _run(tiny_llama, WandaSP(sparsity=0.3, meet_ratio=False))
+    assert {l["mlp_channels"] for l in structure(reference.model)} == {tiny.FFN - int(0.3 * tiny.FFN)}
+
+
 def test_query_unit_keeps_every_kv_group(tiny_llama):
     module = _run(tiny_llama, MagnitudeSP(sparsity=0.5, head_unit="query"))
     assert {(l["heads"], l["kv_heads"]) for l in structure(module.model)} == {(2, 2)}
@@ -106,6 +119,23 @@ def test_flap_adaptive_meets_the_budget(tiny_models, ratio):
     head = 4 * tiny.HIDDEN * 16 / (tiny.LAYERS * (4 * tiny.HIDDEN * tiny.HIDDEN + 2 * tiny.HIDDEN * tiny.FFN))
     assert ratio - head - 1e-9 <= removed <= ratio + 1e-9
     assert module.model.model.decoder.layers[0].self_attn.out_proj.bias is not None
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_allow_empty_lets_adaptive_empty_a_layer(tiny_models, family, tmp_path):
+    """At 85% FLAP's pooled ranking empties some layer's attention or MLP only when allowed; the model runs."""
+    kept = structure(_run(tiny_models[family], FLAP(sparsity=0.85)).model)
+    assert min(min(l["heads"], l["mlp_channels"]) for l in kept) >= 1
+    module = _run(tiny_models[family], FLAP(sparsity=0.85, allow_empty=True))
+    emptied = structure(module.model)
+    assert min(min(l["heads"], l["mlp_channels"]) for l in emptied) == 0
+    with torch.no_grad():
+        assert torch.isfinite(module.model(WINDOWS).logits).all()
+    from prunekit.export import save_pruned
+
+    save_pruned(module.model, tmp_path / "emptied", tiny.tokenizer())
+    again = structure(_run(tmp_path / "emptied", WandaSP(sparsity=0.3)).model)  # an emptied model prunes further
+    assert sum(l["mlp_channels"] for l in again) < sum(l["mlp_channels"] for l in emptied)
 
 
 def test_structured_cli_round_trip(tiny_llama, tmp_path, monkeypatch):

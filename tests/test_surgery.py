@@ -83,6 +83,30 @@ def test_head_cut_equals_zeroed_and_generates(tiny_models, family):
     _assert_same_behaviour(cut, zeroed, seed=2)
 
 
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_empty_layers_when_allowed(tiny_models, family, tmp_path):
+    """A layer without heads and one without channels: zeroed-model logits, cached generation, reload."""
+    from prunekit.export import load_pruned, save_pruned
+    from prunekit.surgery import attention_heads, cut_attention_heads
+
+    cut = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    zeroed = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    _, _, d = adapter_for(cut).attention_shape(cut.config)
+    n_q, _ = attention_heads(cut, 0)
+    for layer in (0, 1):  # layer 0 holds the cache length generate() reads
+        cut_attention_heads(cut, layer, [], allow_empty=True)
+        _zero_heads(zeroed, layer, list(range(n_q)), d)
+        assert attention_heads(cut, layer) == (0, 0)
+    cut_mlp_channels(cut, 2, [], allow_empty=True)
+    _zero_channels(zeroed, 2, list(range(tiny.FFN)))
+    assert mlp_width(cut, 2) == 0
+    _assert_same_behaviour(cut, zeroed, seed=7)
+    save_pruned(cut, tmp_path / "m", tiny.tokenizer())
+    ids = torch.randint(0, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "m")(ids).logits, cut(ids).logits, rtol=0, atol=0)
+
+
 def test_gqa_needs_consistent_heads_per_group(tiny_llama):
     from prunekit.surgery import cut_attention_heads
 
