@@ -2,7 +2,10 @@
 
 For each model: prefill tokens/s (one forward over ``batch × prompt_len`` tokens, no cache), decode tokens/s
 (greedy generation with the KV cache; decode time = generate time − prefill time of the same prompt), latency
-per generated token, parameter count and weight memory. The ideal speed-up is the ratio of multiply-accumulates
+per generated token, parameter count and weight memory. Peak memory (``peak_rss_mb``) is measured apart, in a
+fresh process per model and batch size that loads the model and runs the same generation: the peak resident
+set of that process (Python, torch, weights, activations, KV cache). One shared process cannot say which
+model used how much, since freed memory stays with the allocator. The ideal speed-up is the ratio of multiply-accumulates
 per token spent in weight matrices (decoder projections + LM head), which is what pruning can remove; the
 measured/ideal ratio (issue target: ≥ 0.9 at 50% structured) says how much of it the hardware turns into speed. Zeros do not count as removed: only
 physically smaller matrices make a model faster.
@@ -76,19 +79,38 @@ def bench(models: dict[str, torch.nn.Module], batch_sizes=(1, 4), prompt_len: in
     return rows
 
 
+def peak_rss_mb(location: str, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Peak resident memory (MB) of a fresh process that loads ``location`` and generates as ``measure`` does."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, resource, sys\nfrom prunekit.bench import measure\nfrom prunekit.models import load_model\n"
+            "m = load_model(sys.argv[1])\nmeasure(m, int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))\n"
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))")
+    done = subprocess.run([sys.executable, "-c", code, location, str(batch), str(prompt_len), str(new_tokens)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory run for {location} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| model | batch | params | prefill tok/s | decode tok/s | ms/token | decode speed-up | ideal | gain vs ideal |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | params | prefill tok/s | decode tok/s | ms/token | decode speed-up | ideal | gain vs ideal "
+             "| peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['decode_vs_ideal']:.2f}"
+        peak = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "–"
         lines.append(f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {r['latency_ms_per_token']:.1f} | {r['decode_speedup']:.2f}x | "
-                     f"{r['ideal_speedup']:.2f}x | {ratio} |")
+                     f"{r['ideal_speedup']:.2f}x | {ratio} | {peak} |")
     return "\n".join(lines)
 
 
 def main(model: str = "smollm2-135m", pruned: list[str] | None = None, batch_sizes: list[int] | None = None,
-         prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, output: str | None = None) -> list[dict]:
+         prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, peak_memory: bool = True,
+         output: str | None = None) -> list[dict]:
     """Benchmark a dense model against pruned folders.
 
     Args:
@@ -98,16 +120,20 @@ def main(model: str = "smollm2-135m", pruned: list[str] | None = None, batch_siz
         prompt_len: prompt tokens (prefill).
         new_tokens: generated tokens per sequence (decode).
         repeats: interleaved repetitions; medians are reported.
+        peak_memory: also measure each model's peak resident memory in a fresh process per batch size.
         output: optional JSON file for the rows.
     """
     import json
 
     from prunekit.models import load_model
 
-    models = {Path(model).name: load_model(model)}
-    for folder in pruned or []:
-        models[Path(folder).name] = load_model(folder)
+    locations = {Path(model).name: model, **{Path(folder).name: folder for folder in pruned or []}}
+    models = {name: load_model(location) for name, location in locations.items()}
     rows = bench(models, tuple(batch_sizes or (1, 4)), prompt_len, new_tokens, repeats)
+    if peak_memory:
+        del models
+        for row in rows:
+            row["peak_rss_mb"] = peak_rss_mb(locations[row["model"]], row["batch"], prompt_len, new_tokens)
     print(f"\nthreads: {torch.get_num_threads()}; prompt {prompt_len} tokens; {new_tokens} new tokens; "
           f"median of {repeats} interleaved repetitions")
     print(format_rows(rows))

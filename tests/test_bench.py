@@ -32,5 +32,6 @@ def test_bench_dense_vs_cut(tiny_llama, tmp_path, capsys):
     assert cut["ideal_speedup"] > 1.3
     for r in rows:
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["latency_ms_per_token"] > 0
+        assert 50 < r["peak_rss_mb"] < 4000  # a fresh process: interpreter + torch + a tiny model
         if r["model"] == "llama":
             assert r["ideal_speedup"] == 1 and r["decode_speedup"] == 1
