@@ -85,9 +85,10 @@ def peak_rss_mb(location: str, batch: int, prompt_len: int, new_tokens: int) -> 
     import subprocess
     import sys
 
-    code = ("import json, resource, sys\nfrom prunekit.bench import measure\nfrom prunekit.models import load_model\n"
+    code = ("import json, sys\nfrom prunekit.bench import measure\nfrom prunekit.memory import peak_rss_mb\n"
+            "from prunekit.models import load_model\n"
             "m = load_model(sys.argv[1])\nmeasure(m, int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))\n"
-            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))")
+            "print(json.dumps(peak_rss_mb()))")
     done = subprocess.run([sys.executable, "-c", code, location, str(batch), str(prompt_len), str(new_tokens)],
                           capture_output=True, text=True)
     if done.returncode != 0:

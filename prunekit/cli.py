@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -146,13 +145,13 @@ def _fmt_params(n: int) -> str:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = f"| {'model':<28} | {'perplexity':>10} | {'pruned':>8} | {'non-zero / total params':>23} | {'time (s)':>8} |"
+    head = f"| {'model':<36} | {'perplexity':>10} | {'pruned':>8} | {'non-zero / total params':>23} | {'time (s)':>8} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         params = f"{_fmt_params(r['params_nonzero'])} / {_fmt_params(r['params_total'])}"
         t = f"{r['time_s']:.1f}" if r.get("time_s") is not None else ""
-        print(f"| {r['name']:<28} | {r['perplexity']:>10.3f} | {r.get('pruned_fraction', r['sparsity']):>8.1%} | {params:>23} | {t:>8} |")
+        print(f"| {r['name']:<36} | {r['perplexity']:>10.3f} | {r.get('pruned_fraction', r['sparsity']):>8.1%} | {params:>23} | {t:>8} |")
 
 
 def _log_and_close(trainer, metrics: dict, hparams: dict | None = None) -> None:
@@ -170,7 +169,9 @@ def _log_and_close(trainer, metrics: dict, hparams: dict | None = None) -> None:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from prunekit.memory import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def run_prune(cli: PruneCLI) -> dict:
@@ -213,6 +214,7 @@ def run_prune(cli: PruneCLI) -> dict:
               "pruned_fraction": 1 - linear_counts(module.model)[1] / dense_linear,
               "perplexity": perplexity(trainer, module, dm), "eval_s": time.perf_counter() - t,
               "calibrate_prune_s": strategy.timings["prune_s"]}
+    pruned["params_removed_fraction"] = 1 - pruned["params_total"] / dense["params_total"]  # of all parameters
     result["pruned"] = pruned
     result["per_layer_sparsity"] = summary["per_layer"]
     result["per_role_sparsity"] = summary["per_role"]
@@ -221,7 +223,10 @@ def run_prune(cli: PruneCLI) -> dict:
     if not trainer.is_global_zero:
         return result
 
-    label = f"{strategy.name} ({strategy.pattern if strategy.nm else f'{strategy.sparsity:.0%}'}, {strategy.mode})"
+    how = [strategy.pattern if strategy.nm else f"{strategy.sparsity:.0%}", strategy.mode]
+    if getattr(strategy, "allocation", None):  # structured: the layer allocation tells UL-UM from AL-AM
+        how.insert(1, strategy.allocation)
+    label = f"{strategy.name} ({', '.join(how)})"
     if getattr(strategy, "removed", None):
         from prunekit.surgery import structure
 
@@ -238,6 +243,8 @@ def run_prune(cli: PruneCLI) -> dict:
     if "structure" in result:
         widths = " ".join(f"{i}:{l['mlp_channels']}/{l['heads']}" for i, l in enumerate(result["structure"]))
         print(f"per-layer widths (MLP channels / attention heads): {widths}")
+        print(f"removed: {pruned['pruned_fraction']:.1%} of attention+MLP weights "
+              f"(requested {strategy.sparsity:.0%}), {pruned['params_removed_fraction']:.1%} of all parameters")
     else:
         per_layer = " ".join(f"{i}:{v:.0%}" for i, v in summary["per_layer"].items())
         print(f"per-layer sparsity: {per_layer}")
