@@ -32,6 +32,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/unstructured.py
+	$(PY) benchmarks/structured.py
 
 clean:
 	rm -rf $(VENV) runs
