@@ -148,13 +148,16 @@ def load_pruned(path: str | Path, dtype: str = "float32"):
     if not spec_file.is_file():
         return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    apply_structure(model, json.loads(spec_file.read_text())["layers"])
+    with _no_init():  # the full-width weights are cut before anyone touches them: no RSS for the dense size
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        apply_structure(model, json.loads(spec_file.read_text())["layers"])
     state = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(shard)))
-    state = _renamed_for(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in _renamed_for(model, state).items()}
+    # assign: the loaded tensors become the parameters (no second copy of the weights in memory)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise PrunekitError(f"{path}: weights do not match the recorded structure (missing {sorted(set(missing) - tied)[:5]}, "
@@ -162,6 +165,17 @@ def load_pruned(path: str | Path, dtype: str = "float32"):
     if tied:
         model.tie_weights()
     return model.eval()
+
+
+def _no_init():
+    """Skip random initialisation while building the skeleton (every weight is loaded afterwards, strictly)."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _renamed_for(model, state: dict) -> dict:
