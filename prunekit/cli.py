@@ -24,7 +24,7 @@ log = logging.getLogger("prunekit")
 USAGE = """usage: prunekit {prune,eval,strategies} [options]
 
   prune        calibrate, prune, evaluate and save a model   (prunekit prune --help)
-  eval         perplexity of a model or pruned folder         (prunekit eval --help)
+  eval         perplexity and lm-eval tasks of a model or pruned folder  (prunekit eval --help)
   strategies   list the registered pruning strategies
   bench        prefill/decode tokens/s of a model vs pruned folders  (prunekit bench --help)
 
@@ -33,6 +33,7 @@ examples:
   prunekit prune --config configs/wanda.yaml --strategy.sparsity 0.6 --output_dir runs/wanda-60
   prunekit prune --strategy sparsegpt --strategy.pattern 2:4 --output_dir runs/sgpt-24
   prunekit eval --model runs/wanda-60
+  prunekit eval --model runs/wanda-60 --tasks [perplexity,seap7] --limit 200
   prunekit bench --model smollm2-135m --pruned [runs/flap-20]
 """
 
@@ -283,30 +284,77 @@ def run_prune(cli: PruneCLI) -> dict:
 
 
 class EvalCLI(_BaseCLI):
-    pass
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--tasks", type=list[str], default=["perplexity"],
+                            help="perplexity, lm-eval tasks (piqa, arc_easy, …, mmlu, gsm8k) or groups (seap7, "
+                                 "zeroshot); see README 'Zero-shot tasks'.")
+        parser.add_argument("--limit", type=int | float | None, default=None,
+                            help="First N evaluation documents per task (a fraction if below 1).")
+        parser.add_argument("--num_fewshot", type=int | None, default=None,
+                            help="Few-shot examples (default: each task's own, 0 except gsm8k's 5).")
+        parser.add_argument("--batch_size", type=int, default=8, help="lm-eval batch size.")
+        parser.add_argument("--max_gen_toks", type=int | None, default=None,
+                            help="Generated tokens per answer for generation tasks (lm-eval default 256).")
+
+    def before_instantiate_classes(self) -> None:
+        from prunekit.tasks import expand
+
+        expand(self.config.tasks)  # an unknown task fails before the model is loaded
+        super().before_instantiate_classes()
 
 
 def run_eval(cli: EvalCLI) -> dict:
     from prunekit.evaluate import parameter_counts, perplexity, sparsity_report, summarize_sparsity
     from prunekit.export import write_atomically
+    from prunekit.tasks import expand
 
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
-    dm.check_model(module.model.config)
+    names = expand(cli.config.tasks)
     t = time.perf_counter()
     result = {"model": module.model_name, **parameter_counts(module.model),
-              "sparsity": summarize_sparsity(sparsity_report(module.model))["sparsity_linear"],
-              "perplexity": perplexity(trainer, module, dm), "eval_windows": int(dm.evaluation_windows().shape[0]),
-              "seq_len": dm.seq_len, "eval_corpus": dm.eval_corpus}
+              "sparsity": summarize_sparsity(sparsity_report(module.model))["sparsity_linear"]}
+    if "perplexity" in names:
+        dm.check_model(module.model.config)
+        result.update({"perplexity": perplexity(trainer, module, dm),
+                       "eval_windows": int(dm.evaluation_windows().shape[0]), "seq_len": dm.seq_len,
+                       "eval_corpus": dm.eval_corpus})
     result["time_s"] = time.perf_counter() - t
-    if not trainer.is_global_zero:
+    if not trainer.is_global_zero:  # lm-eval runs on rank 0 only (it takes one model instance)
         return result
-    print(f"\nevaluation: {dm.eval_corpus} held-out, {result['eval_windows']} x {dm.seq_len} tokens "
-          "('pruned' counts zero weights; weights removed by structured pruning show in the parameter count)")
-    _print_table([{"name": Path(module.model_name).name, **result}])
-    _log_and_close(trainer, {"perplexity": result["perplexity"], "sparsity": result["sparsity"]})
+    raw = None
+    if any(n != "perplexity" for n in names):
+        from prunekit.zeroshot import evaluate_tasks, format_table
+
+        t = time.perf_counter()
+        summary = evaluate_tasks(module.model, dm.tokenizer, names, limit=cli.config.limit,
+                                 num_fewshot=cli.config.num_fewshot, batch_size=cli.config.batch_size,
+                                 max_gen_toks=cli.config.max_gen_toks)
+        raw = summary.pop("raw")
+        result["tasks"] = summary
+        result["tasks_time_s"] = time.perf_counter() - t
+    if "perplexity" in result:
+        print(f"\nevaluation: {dm.eval_corpus} held-out, {result['eval_windows']} x {dm.seq_len} tokens "
+              "('pruned' counts zero weights; weights removed by structured pruning show in the parameter count)")
+        _print_table([{"name": Path(module.model_name).name, **result}])
+    flat = {k: result[k] for k in ("perplexity", "sparsity") if k in result}
+    if "tasks" in result:
+        print(f"\nlm-eval tasks ({'first ' + str(cli.config.limit) + ' documents each' if cli.config.limit else 'all evaluation documents'}):")
+        print(format_table(result["tasks"]))
+        for kind in ("tasks", "groups"):
+            for name, row in result["tasks"][kind].items():
+                flat.update({f"{name}/{m}": v for m, v in row.items() if v is not None and m != "n" and "stderr" not in m})
+        flat.update({f"average/{m}": v for m, v in result["tasks"]["average"].items()})
+    _log_and_close(trainer, flat)
     if cli.config.output_dir:
-        write_atomically(cli.config.output_dir, cli.config.overwrite,
-                         lambda tmp: (tmp / "metrics.json").write_text(json.dumps(result, indent=2)))
+        def write(tmp: Path) -> None:
+            (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
+            if raw is not None:
+                from lm_eval.utils import handle_non_serializable
+
+                (tmp / "lm_eval_results.json").write_text(json.dumps(raw, indent=2, default=handle_non_serializable))
+
+        write_atomically(cli.config.output_dir, cli.config.overwrite, write)
     return result
 
 

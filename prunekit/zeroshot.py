@@ -1,0 +1,98 @@
+"""lm-eval zero-/few-shot accuracy for a model instance (dense, pruned folder, or with a dynamic method hooked in).
+
+The model object itself is handed to lm-eval's ``HFLM`` (no reload, no patched harness), with prunekit's
+``TaskManager`` that indexes only the packaged tasks of ``prunekit.tasks``. Results keep lm-eval's metric
+names (``acc``, ``acc_norm``, ``exact_match`` per filter) and standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prunekit.errors import PrunekitError
+from prunekit.tasks import expand, task_manager
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str] | str, limit: int | float | None = None,
+                   num_fewshot: int | None = None, batch_size: int = 8, max_gen_toks: int | None = None,
+                   seed: int = 1234) -> dict:
+    """Run lm-eval on ``tasks`` (names, lm-eval groups such as ``mmlu``, or prunekit groups such as ``seap7``).
+
+    Returns ``{"tasks": {name: {metric: value, metric_stderr: value, "n": docs}}, "groups": {...},
+    "average": {...}, "config": {...}, "raw": lm-eval's own output}``; ``limit`` takes the first N evaluation documents of each task (a
+    fraction if below 1), as lm-eval does. ``seed`` seeds lm-eval's few-shot sampling (its default, 1234).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    names = [t for t in expand(tasks) if t != "perplexity"]
+    if not names:
+        return {"tasks": {}, "groups": {}, "average": {}, "config": {}}
+    if limit is not None and limit <= 0:
+        raise PrunekitError(f"limit must be positive (documents per task, or a fraction below 1), got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise PrunekitError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None
+    out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(),
+                          gen_kwargs=gen_kwargs,
+                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed)
+    model.train(was_training)
+    summary = summarize(out, names)
+    summary["raw"] = out
+    return summary
+
+
+def _metrics(entry: dict) -> dict:
+    values = {}
+    for key, value in entry.items():
+        if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        metric, filt = key.split(",", 1)
+        name = metric if filt == "none" else f"{metric}[{filt}]"
+        values[name] = float(value) if not (isinstance(value, float) and math.isnan(value)) else None
+    return values
+
+
+def summarize(out: dict, requested: list[str]) -> dict:
+    """lm-eval's output → per-task and per-group metrics, plus averages over the requested top-level items."""
+    groups = set(out.get("groups", {}))
+    n_samples = out.get("n-samples", {})
+    tasks, group_rows = {}, {}
+    for name, entry in out["results"].items():
+        row = _metrics(entry)
+        if name in groups:
+            group_rows[name] = {**row, "n": int(entry.get("sample_len", 0) or 0)}
+        else:
+            row["n"] = int(n_samples.get(name, {}).get("effective", 0))
+            tasks[name] = row
+    top = {name: (group_rows.get(name) or tasks.get(name)) for name in requested}
+    accs = [r["acc"] for r in top.values() if r and r.get("acc") is not None]
+    best = [r.get("acc_norm") if r.get("acc_norm") is not None else r.get("acc") for r in top.values() if r]
+    best = [v for v in best if v is not None]
+    average = {}
+    if accs:
+        average["acc"] = sum(accs) / len(accs)
+    if best:
+        average["acc_norm_or_acc"] = sum(best) / len(best)
+    config = {"num_fewshot": {k: v for k, v in out.get("n-shot", {}).items()}, "versions": out.get("versions", {})}
+    return {"tasks": tasks, "groups": group_rows, "average": average, "config": config}
+
+
+def format_table(summary: dict) -> str:
+    """Markdown: one line per task/group and metric, with standard error and number of documents."""
+    lines = ["| task | metric | value | ± stderr | documents |", "|---|---|---|---|---|"]
+    for kind in ("groups", "tasks"):
+        for name, row in sorted(summary[kind].items()):
+            for metric, value in row.items():
+                if metric == "n" or "_stderr" in metric or value is None:
+                    continue
+                base, _, filt = metric.partition("[")
+                err = row.get(f"{base}_stderr" + (f"[{filt}" if filt else ""))
+                err_text = f"{err:.4f}" if isinstance(err, float) else ""
+                lines.append(f"| {name} | {metric} | {value:.4f} | {err_text} | {row['n']} |")
+    for metric, value in summary.get("average", {}).items():
+        lines.append(f"| average | {metric} | {value:.4f} | | |")
+    return "\n".join(lines)
