@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -155,14 +156,25 @@ def _print_table(rows: list[dict]) -> None:
         print(f"| {r['name']:<36} | {r['perplexity']:>10.3f} | {r.get('pruned_fraction', r['sparsity']):>8.1%} | {params:>23} | {t:>8} |")
 
 
-def _log_and_close(trainer, metrics: dict, hparams: dict | None = None) -> None:
-    """Log final metrics (rank 0) and close the logger, so W&B writes its run summary even offline."""
+def _log_and_close(trainer, metrics: dict, hparams: dict | None = None, tables: dict | None = None,
+                   images: dict | None = None) -> None:
+    """Log final metrics (rank 0) and close the logger, so W&B writes its run summary even offline.
+
+    ``tables`` ({key: (columns, rows)}) and ``images`` ({key: png path}) go to loggers that take them
+    (W&B); every logger gets the metrics, and the same tables/images are always saved in the output folder.
+    """
     logger = trainer.logger
     if logger is None:
         return
     if hparams:
         logger.log_hyperparams(hparams)
     logger.log_metrics(metrics)
+    for key, (columns, rows) in (tables or {}).items():
+        if callable(getattr(logger, "log_table", None)):
+            logger.log_table(key=key, columns=columns, data=rows)
+    for key, path in (images or {}).items():
+        if callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=key, images=[str(path)])
     logger.finalize("success")
     run = getattr(logger, "_experiment", None)  # WandbLogger's run, if one was started
     if run is not None and callable(getattr(run, "finish", None)):
@@ -208,6 +220,11 @@ def run_prune(cli: PruneCLI) -> dict:
         dense["eval_s"] = time.perf_counter() - t
     result["dense"] = dense
 
+    structured = hasattr(strategy, "removed")
+    if structured:
+        from prunekit.surgery import structure
+
+        result["dense_structure"] = structure(module.model)
     strategy.run(trainer, module, dm)
     summary = summarize_sparsity(sparsity_report(module.model))
     t = time.perf_counter()
@@ -255,7 +272,16 @@ def run_prune(cli: PruneCLI) -> dict:
             "params_nonzero": pruned["params_nonzero"], "calibrate_prune_s": pruned["calibrate_prune_s"]}
     if "perplexity" in dense:
         flat["perplexity_dense"] = dense["perplexity"]
-    _log_and_close(trainer, flat, strategy.describe())
+    import tempfile
+
+    from prunekit.plots import layer_profile
+
+    plot_dir = Path(tempfile.mkdtemp(prefix="prunekit-plots-"))
+    profile = layer_profile(result, plot_dir / "layer_profile.png")
+    layers = result.get("structure") or [{"layer": i, "sparsity": v} for i, v in summary["per_layer"].items()]
+    columns = sorted({k for row in layers for k in row if k != "biased"})
+    table = (columns, [[row.get(c) for c in columns] for row in layers])
+    _log_and_close(trainer, flat, strategy.describe(), tables={"per_layer": table}, images={"layer_profile": profile})
 
     config_text = cli.parser.dump(cli.config, skip_none=False)
     plain: list[bool] = []
@@ -268,6 +294,7 @@ def run_prune(cli: PruneCLI) -> dict:
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
         (tmp / "prunekit.json").write_text(json.dumps({"pruned_by": strategy.describe(), "source": module.model_name}, indent=2))
+        shutil.copy(profile, tmp / "layer_profile.png")
         if strategy.statistics_:
             from safetensors.torch import save_file
 
@@ -275,6 +302,7 @@ def run_prune(cli: PruneCLI) -> dict:
             save_file(flat_stats, str(tmp / "statistics.safetensors"))
 
     out = write_atomically(cli.config.output_dir, cli.config.overwrite, write)
+    shutil.rmtree(plot_dir, ignore_errors=True)
     print(f"saved to {out}")
     if plain and "structure" in result:
         how = ("transformers.AutoModelForCausalLM.from_pretrained or prunekit.load_pruned" if plain[0] else
@@ -345,7 +373,13 @@ def run_eval(cli: EvalCLI) -> dict:
             for name, row in result["tasks"][kind].items():
                 flat.update({f"{name}/{m}": v for m, v in row.items() if v is not None and m != "n" and "stderr" not in m})
         flat.update({f"average/{m}": v for m, v in result["tasks"]["average"].items()})
-    _log_and_close(trainer, flat)
+    tables = {}
+    if "tasks" in result:
+        rows = [[name, m, v, row.get(f"{m}_stderr"), row["n"]] for kind in ("groups", "tasks")
+                for name, row in sorted(result["tasks"][kind].items())
+                for m, v in row.items() if m != "n" and "stderr" not in m and v is not None]
+        tables["tasks"] = (["task", "metric", "value", "stderr", "documents"], rows)
+    _log_and_close(trainer, flat, tables=tables)
     if cli.config.output_dir:
         def write(tmp: Path) -> None:
             (tmp / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -199,3 +199,8 @@ def test_wandb_offline_logging(tiny_llama, tmp_path):
     ppl = json.loads((tmp_path / "out" / "metrics.json").read_text())["pruned"]["perplexity"]
     assert re.search(rb"perplexity.{1,4}" + re.escape(json.dumps(ppl).encode()), record, re.S)
     assert b"sparsity/linear" in record and b"sparsity/layer_00" in record
+    # the per-layer table and the layer-profile image are logged as media files of the run
+    media = {p.name.split("_")[0] for p in (runs[0] / "files" / "media").rglob("*") if p.is_file()}
+    assert any(p.name.startswith("per_layer") for p in (runs[0] / "files" / "media" / "table").glob("*.json"))
+    assert any(p.name.startswith("layer_profile") for p in (runs[0] / "files" / "media" / "images").glob("*.png"))
+    assert media and (tmp_path / "out" / "layer_profile.png").is_file()

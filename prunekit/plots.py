@@ -1,0 +1,46 @@
+"""Plots saved next to results (PNG) and logged as images: the per-layer profile of a pruned model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layer_profile(result: dict, path: str | Path) -> Path:
+    """Per decoder layer: sparsity of its projections (unstructured/N:M) or kept MLP channels and heads
+    as fractions of the dense widths (structured), from a ``prunekit prune`` result."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    title = f"{Path(str(result.get('model', ''))).name}: {result.get('strategy', '')}"
+    if result.get("structure"):
+        layers = result["structure"]
+        dense = result.get("dense_structure") or layers
+        xs = list(range(len(layers)))
+        mlp = [l["mlp_channels"] / max(d["mlp_channels"], 1) for l, d in zip(layers, dense)]
+        heads = [l["heads"] / max(d["heads"], 1) for l, d in zip(layers, dense)]
+        width = 0.4
+        ax.bar([x - width / 2 for x in xs], mlp, width, label="MLP channels kept")
+        ax.bar([x + width / 2 for x in xs], heads, width, label="attention heads kept")
+        ax.set_ylabel("fraction of dense width")
+    else:
+        per_layer = {int(k): v for k, v in result["per_layer_sparsity"].items()}
+        xs = sorted(per_layer)
+        ax.bar(xs, [per_layer[x] for x in xs], label="zero weights")
+        ax.set_ylabel("sparsity of projections")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("decoder layer")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
