@@ -13,14 +13,14 @@ Writes ``structured.md`` (the README table), ``structured.json`` and ``structure
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common
 
 FLAP_AL = ["--strategy", "flap", "--strategy.allocation", "adaptive"]
 FLAP_UL = ["--strategy", "flap", "--strategy.allocation", "uniform"]
@@ -34,38 +34,21 @@ METHODS = [  # (name, structure, options)
 RATIOS = (0.2, 0.5)
 
 
-def prunekit() -> str:
-    return str(Path(sys.executable).with_name("prunekit"))
-
-
-def run(args: list[str], out: Path) -> dict:
-    cmd = [prunekit(), *args, "--output_dir", str(out), "--trainer.logger", "false"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=out.parent)
-    return json.loads((out / "metrics.json").read_text())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--num_samples", type=int, default=32)
-    parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--eval_samples", type=int, default=40)
+    parser = common.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    data = ["--model", args.model, "--data.num_samples", str(args.num_samples), "--data.seq_len", str(args.seq_len),
-            "--data.eval_samples", str(args.eval_samples)]
+    data = common.data_flags(args)
     started = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        dense = run(["eval", *data], work / "dense")
+        dense = common.run(["eval", *data], work / "dense")
         folders = []
         for ratio in RATIOS:
             for i, (method, structure, options) in enumerate(METHODS):
                 folder = work / f"{method}-{structure.split(',')[0]}-{i}-{int(ratio * 100)}"
-                m = run(["prune", *data, *options, "--strategy.sparsity", str(ratio), "--eval_dense", "false"], folder)
+                m = common.run(["prune", *data, *options, "--strategy.sparsity", str(ratio), "--eval_dense", "false"], folder)
                 p = m["pruned"]
                 layers = m["structure"]
                 rows.append({"method": method, "structure": structure, "ratio": ratio, "folder": folder.name,
@@ -75,7 +58,7 @@ def main() -> None:
                              "heads": [l["heads"] for l in layers], "mlp_channels": [l["mlp_channels"] for l in layers]})
                 folders.append(str(folder))
         bench_out = work / "bench.json"
-        cmd = [prunekit(), "bench", "--model", args.model, "--pruned", json.dumps(folders), "--batch_sizes", "[1, 4]",
+        cmd = [common.prunekit(), "bench", "--model", args.model, "--pruned", json.dumps(folders), "--batch_sizes", "[1, 4]",
                "--repeats", str(args.repeats), "--output", str(bench_out)]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)

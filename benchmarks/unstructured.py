@@ -10,14 +10,13 @@ Writes ``unstructured.md`` (the README table), ``unstructured.json`` and ``unstr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common
 
 METHODS = [
     ("magnitude", "50%", ["--strategy", "magnitude", "--strategy.sparsity", "0.5"]),
@@ -29,37 +28,20 @@ METHODS = [
 ]
 
 
-def prunekit() -> str:
-    return str(Path(sys.executable).with_name("prunekit"))
-
-
-def run(args: list[str], workdir: Path) -> dict:
-    out = workdir / f"run-{len(list(workdir.iterdir()))}"
-    cmd = [prunekit(), *args, "--output_dir", str(out), "--trainer.logger", "false"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=workdir)
-    return json.loads((out / "metrics.json").read_text())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--num_samples", type=int, default=32)
-    parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--eval_samples", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser = common.parser(__doc__)
     args = parser.parse_args()
-    data = ["--model", args.model, "--data.num_samples", str(args.num_samples), "--data.seq_len", str(args.seq_len),
-            "--data.eval_samples", str(args.eval_samples)]
+    data = common.data_flags(args)
     rows = []
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        dense = run(["eval", *data], work)
+        dense = common.run(["eval", *data], work / "dense")
         rows.append({"method": "dense", "pattern": "-", "perplexity": dense["perplexity"], "sparsity": dense["sparsity"],
                      "params_nonzero": dense["params_nonzero"], "prune_s": None, "peak_rss_mb": None})
         for method, pattern, strategy in METHODS:
-            m = run(["prune", *data, *strategy, "--eval_dense", "false", "--save_model", "false"], work)
+            m = common.run(["prune", *data, *strategy, "--eval_dense", "false", "--save_model", "false"],
+                           work / f"{method}-{pattern.replace(':', 'of').replace('%', '')}")
             rows.append({"method": method, "pattern": pattern, "perplexity": m["pruned"]["perplexity"],
                          "sparsity": m["pruned"]["sparsity"], "params_nonzero": m["pruned"]["params_nonzero"],
                          "prune_s": m["pruned"]["calibrate_prune_s"], "peak_rss_mb": m["peak_rss_mb"]})
@@ -69,7 +51,7 @@ def main() -> None:
             "total_s": time.time() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "unstructured.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"SmolLM2-135M ({meta['calibration']}; evaluation {meta['evaluation']}; {meta['cpu_count']} CPU cores)", "",
+    lines = [f"{Path(meta['model']).name} ({meta['calibration']}; evaluation {meta['evaluation']}; {meta['cpu_count']} CPU cores)", "",
              "| method | pattern | perplexity | sparsity (linears) | non-zero params | calibration + pruning (s) | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -101,7 +83,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     ax.set_xticks(range(len(methods)), methods)
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.set_title(f"SmolLM2-135M pruned at 50% ({meta['evaluation']})", fontsize=9)
+    ax.set_title(f"{Path(meta['model']).name} pruned at 50% ({meta['evaluation']})", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
