@@ -44,3 +44,31 @@ def layer_profile(result: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def metric_vs_ratio(rows: list[dict], metric: str, path: str | Path, title: str = "", log_scale: bool = False,
+                    dense: float | None = None) -> Path:
+    """One line per method: ``metric`` (e.g. perplexity, or a task's accuracy) against the pruning ratio.
+
+    ``rows``: dicts with ``method``, ``ratio`` and ``metric``; rows missing the metric are skipped.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method in methods:
+        points = sorted((r["ratio"], r[metric]) for r in rows if r["method"] == method and r.get(metric) is not None)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    if dense is not None:
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.3g})")
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("pruning ratio")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
