@@ -81,9 +81,9 @@ def summarize(out: dict, requested: list[str]) -> dict:
     return {"tasks": tasks, "groups": group_rows, "average": average, "config": config}
 
 
-def format_table(summary: dict) -> str:
-    """Markdown: one line per task/group and metric, with standard error and number of documents."""
-    lines = ["| task | metric | value | ± stderr | documents |", "|---|---|---|---|---|"]
+def metric_rows(summary: dict) -> list[tuple[str, str, float, float | None, int]]:
+    """(task or group, metric, value, standard error, documents) for every reported metric, groups first."""
+    rows = []
     for kind in ("groups", "tasks"):
         for name, row in sorted(summary[kind].items()):
             for metric, value in row.items():
@@ -91,8 +91,15 @@ def format_table(summary: dict) -> str:
                     continue
                 base, _, filt = metric.partition("[")
                 err = row.get(f"{base}_stderr" + (f"[{filt}" if filt else ""))
-                err_text = f"{err:.4f}" if isinstance(err, float) else ""
-                lines.append(f"| {name} | {metric} | {value:.4f} | {err_text} | {row['n']} |")
+                rows.append((name, metric, value, err if isinstance(err, float) else None, row["n"]))
+    return rows
+
+
+def format_table(summary: dict) -> str:
+    """Markdown: one line per task/group and metric, with standard error and number of documents."""
+    lines = ["| task | metric | value | ± stderr | documents |", "|---|---|---|---|---|"]
+    for name, metric, value, err, n in metric_rows(summary):
+        lines.append(f"| {name} | {metric} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | {n} |")
     for metric, value in summary.get("average", {}).items():
         lines.append(f"| average | {metric} | {value:.4f} | | |")
     return "\n".join(lines)
