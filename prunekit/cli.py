@@ -220,10 +220,11 @@ def run_prune(cli: PruneCLI) -> dict:
         dense["eval_s"] = time.perf_counter() - t
     result["dense"] = dense
 
-    structured = hasattr(strategy, "removed")
-    if structured:
-        from prunekit.surgery import structure
+    from prunekit.structured import StructuredStrategy
+    from prunekit.surgery import structure
 
+    structured = isinstance(strategy, StructuredStrategy)
+    if structured:
         result["dense_structure"] = structure(module.model)
     strategy.run(trainer, module, dm)
     summary = summarize_sparsity(sparsity_report(module.model))
@@ -242,12 +243,10 @@ def run_prune(cli: PruneCLI) -> dict:
         return result
 
     how = [strategy.pattern if strategy.nm else f"{strategy.sparsity:.0%}", strategy.mode]
-    if getattr(strategy, "allocation", None):  # structured: the layer allocation tells UL-UM from AL-AM
+    if structured:  # the layer allocation tells UL-UM from AL-AM
         how.insert(1, strategy.allocation)
     label = f"{strategy.name} ({', '.join(how)})"
-    if getattr(strategy, "removed", None):
-        from prunekit.surgery import structure
-
+    if structured:
         result["structure"] = structure(module.model)
     rows = []
     if "perplexity" in dense:
@@ -352,7 +351,7 @@ def run_eval(cli: EvalCLI) -> dict:
         return result
     raw = None
     if any(n != "perplexity" for n in names):
-        from prunekit.zeroshot import evaluate_tasks, format_table
+        from prunekit.zeroshot import evaluate_tasks, format_table, metric_rows
 
         t = time.perf_counter()
         summary = evaluate_tasks(module.model, dm.tokenizer, names, limit=cli.config.limit,
@@ -366,19 +365,14 @@ def run_eval(cli: EvalCLI) -> dict:
               "('pruned' counts zero weights; weights removed by structured pruning show in the parameter count)")
         _print_table([{"name": Path(module.model_name).name, **result}])
     flat = {k: result[k] for k in ("perplexity", "sparsity") if k in result}
+    tables = {}
     if "tasks" in result:
         print(f"\nlm-eval tasks ({'first ' + str(cli.config.limit) + ' documents each' if cli.config.limit else 'all evaluation documents'}):")
         print(format_table(result["tasks"]))
-        for kind in ("tasks", "groups"):
-            for name, row in result["tasks"][kind].items():
-                flat.update({f"{name}/{m}": v for m, v in row.items() if v is not None and m != "n" and "stderr" not in m})
+        rows = metric_rows(result["tasks"])
+        flat.update({f"{name}/{metric}": value for name, metric, value, _, _ in rows})
         flat.update({f"average/{m}": v for m, v in result["tasks"]["average"].items()})
-    tables = {}
-    if "tasks" in result:
-        rows = [[name, m, v, row.get(f"{m}_stderr"), row["n"]] for kind in ("groups", "tasks")
-                for name, row in sorted(result["tasks"][kind].items())
-                for m, v in row.items() if m != "n" and "stderr" not in m and v is not None]
-        tables["tasks"] = (["task", "metric", "value", "stderr", "documents"], rows)
+        tables["tasks"] = (["task", "metric", "value", "stderr", "documents"], [list(r) for r in rows])
     _log_and_close(trainer, flat, tables=tables)
     if cli.config.output_dir:
         def write(tmp: Path) -> None:

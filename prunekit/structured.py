@@ -211,7 +211,7 @@ class StructuredStrategy(PruningStrategy):
         n_q, n_kv = attention_heads(model, layer)
         group = n_q // n_kv
         gone_kv = sum(1 for g in range(n_kv) if set(range(g * group, (g + 1) * group)) <= set(drop_heads))
-        return attn, mlp, 2 * hidden * d * (len(drop_heads) + gone_kv)
+        return attn, mlp, _attention_weights(hidden, d, len(drop_heads), gone_kv)
 
     def _adaptive_plan(self, model, scores: dict[int, dict[str, torch.Tensor]]):
         adapter = adapter_for(model)
@@ -233,7 +233,7 @@ class StructuredStrategy(PruningStrategy):
                 head_lists.append(torch.zeros(0, dtype=torch.float64))
             chan_lists.append(alloc.standardize(s["mlp"], self.standardization) if "mlp" in s
                               else torch.zeros(0, dtype=torch.float64))
-        head_cost = hidden * d * (2 + 2 / group)
+        head_cost = _attention_weights(hidden, d, 1, 1 / group)  # a query head with its share of K/V
         unit = group if self.head_unit == "kv_group" else 1
         protect = {i for i in range(n_layers) if not self._allowed(model, i)}
         hm, cm = alloc.adaptive(head_lists, chan_lists, self.sparsity, head_cost, hidden * (n_producers + 1),
@@ -276,3 +276,8 @@ class StructuredStrategy(PruningStrategy):
         if getattr(module, "bias", None) is None:
             module.bias = torch.nn.Parameter(torch.zeros(ref.out_features, dtype=module.weight.dtype), requires_grad=False)
         module.bias.data += extra
+
+
+def _attention_weights(hidden: int, head_dim: int, query_heads: float, kv_heads: float) -> float:
+    """Weights that ``query_heads`` query heads (q rows + o columns) and ``kv_heads`` K/V heads (k + v rows) hold."""
+    return 2 * hidden * head_dim * (query_heads + kv_heads)
