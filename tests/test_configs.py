@@ -9,7 +9,7 @@ import pytest
 from prunekit.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-PRUNE = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in ("eval.yaml", "wandb.yaml"))
+PRUNE = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in ("eval.yaml", "eval-tasks.yaml", "wandb.yaml"))
 
 
 @pytest.mark.parametrize("name", PRUNE)
@@ -27,8 +27,12 @@ def test_wandb_config_combines_with_a_method(capsys):
     assert "lightning.pytorch.loggers.WandbLogger" in capsys.readouterr().out
 
 
-def test_eval_config_parses(capsys):
+@pytest.mark.parametrize("name", ["eval.yaml", "eval-tasks.yaml"])
+def test_eval_config_parses(name, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--config", str(CONFIGS / "eval.yaml"), "--model", "some/folder", "--print_config"])
+        main(["eval", "--config", str(CONFIGS / name), "--model", "some/folder", "--print_config"])
     assert e.value.code == 0
-    assert "model: some/folder" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "model: some/folder" in out
+    if name == "eval-tasks.yaml":
+        assert "- seap7" in out and "limit: 200" in out
