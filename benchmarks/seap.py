@@ -2,7 +2,7 @@
 
 Every method uses SEAP's logistic layer schedule (first and last 2 layers dense), as the paper's Table 1.
 ``seap`` and ``seap-gen`` calibrate in one pass on the seven tasks' reserved calibration prompts (each
-rendered with its gold answer, ``num_prompts`` per task) plus ``num_prompts`` wiki articles (the general
+rendered with its gold answer, up to ``num_prompts`` per task: WinoGrande has 124, PIQA 170) plus ``num_prompts`` wiki articles (the general
 source, seap-gen's weight 3 against 2 per task); ``seap`` makes one expert per task and each task is scored
 with its own expert (oracle routing, as the paper), plus a task router trained on calibration prompts and
 scored on held-out ones. The baselines calibrate on wiki windows. Each model gets perplexity (wiki
@@ -33,7 +33,8 @@ LOGISTIC = ["--strategy.allocation", "logistic"]
 
 def task_data(num_prompts: int) -> list[str]:
     return ["--data.corpus", "task", "--data.corpus_options", f"{{tasks: [seap7], general: wiki}}",
-            "--data.packing", "documents", "--data.sampling", "random", "--data.num_samples", str(num_prompts)]
+            "--data.packing", "documents", "--data.sampling", "random", "--data.num_samples", str(num_prompts),
+            "--data.allow_fewer", "true"]  # WinoGrande reserves 124 calibration prompts, PIQA 170
 
 
 def methods(num_prompts: int, allocation: str = "logistic") -> dict[str, list[str]]:

@@ -33,6 +33,9 @@ Packing of the calibration split (``packing``):
 - ``documents``: every document is its own sequence (its first ``seq_len`` tokens), as task-specific methods
   (SEAP) feed one prompt per forward pass; ``num_samples`` documents (0 = all), the first ones or a seeded
   random choice. Sequences differ in length, so ``batch_size`` must be 1 (no padding enters the statistics).
+  A source with fewer than ``num_samples`` documents is an error, unless ``allow_fewer`` (then it gives all
+  it has, and ``describe_calibration`` names the count per source): SEAP's 200 prompts per task exceed the
+  reserved calibration sets of WinoGrande (124) and PIQA (170).
 
 Evaluation text is always packed in windows.
 """
@@ -213,6 +216,8 @@ class CalibrationDataModule(pl.LightningDataModule):
         sampling: ``contiguous`` or ``random`` (seeded by ``seed``).
         packing: ``windows`` (fixed-length windows of the joined corpus) or ``documents`` (one sequence per
             document, batch size 1), see the module docstring.
+        allow_fewer: with ``packing=documents``, a source holding fewer than ``num_samples`` documents gives
+            all of them instead of raising.
         eval_corpus / eval_paths: held-out evaluation text (default: wiki's evaluation articles).
         eval_samples: number of evaluation windows (0 = every window of the split).
         batch_size: windows per forward pass.
@@ -230,6 +235,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         sampling: Literal["contiguous", "random"] = "contiguous",
         seed: int = 0,
         packing: Literal["windows", "documents"] = "windows",
+        allow_fewer: bool = False,
         eval_corpus: str = "wiki",
         eval_paths: list[str] | None = None,
         eval_samples: int = 40,
@@ -251,7 +257,7 @@ class CalibrationDataModule(pl.LightningDataModule):
             raise PrunekitError(f"data.sampling must be 'contiguous' or 'random', got {sampling!r}")
         self.tokenizer_name = tokenizer
         self.corpus, self.paths, self.num_samples, self.seq_len = corpus, paths, num_samples, seq_len
-        self.sampling, self.seed, self.packing = sampling, seed, packing
+        self.sampling, self.seed, self.packing, self.allow_fewer = sampling, seed, packing, allow_fewer
         self.eval_corpus, self.eval_paths, self.eval_samples = eval_corpus, eval_paths, eval_samples
         self.batch_size, self.text_field = batch_size, text_field
         self.corpus_options = corpus_options or {}
@@ -304,10 +310,12 @@ class CalibrationDataModule(pl.LightningDataModule):
                 if self.sampling == "random":
                     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(self.seed)).tolist()
                 count = self.num_samples or len(docs)
+                if count > len(docs) and self.allow_fewer:
+                    count = len(docs)
                 if count > len(docs):
                     what = f"source {name!r} of corpus {self.corpus!r}" if len(groups) > 1 else f"corpus {self.corpus!r}"
                     raise PrunekitError(f"calibration {what} has {len(docs)} documents, but num_samples={count} are "
-                                        "needed; lower num_samples (0 = all)")
+                                        "needed; lower num_samples (0 = all) or set data.allow_fewer=true")
                 for i in order[:count]:
                     ids = tok(docs[i], return_attention_mask=False, verbose=False)["input_ids"][: self.seq_len]
                     if not ids:
@@ -359,7 +367,11 @@ class CalibrationDataModule(pl.LightningDataModule):
         """One line for reports: what calibration read."""
         seqs = self.calibration_sequences()
         if self.packing == "documents":
-            sources = f" from {len(self._sources)} sources" if len(self._sources) > 1 else ""
+            sources = ""
+            if len(self._sources) > 1:
+                counts = torch.bincount(torch.tensor(self._labels), minlength=len(self._sources)).tolist()
+                sources = f" from {len(self._sources)} sources (" + ", ".join(
+                    f"{name} {n}" for name, n in zip(self._sources, counts)) + ")"
             return (f"{self.corpus}, {len(seqs)} documents{sources} ({sum(s.numel() for s in seqs)} tokens, "
                     f"at most {self.seq_len} each; {self.sampling})")
         return f"{self.corpus}, {len(seqs)} x {self.seq_len} tokens ({self.sampling})"

@@ -275,3 +275,17 @@ def test_task_corpus_serves_rendered_task_examples(tiny_llama):
     dm = CalibrationDataModule(str(tiny_llama), corpus="task", corpus_options={"tasks": ["copa"]},
                                packing="documents", num_samples=0, seq_len=128)
     assert len(dm.calibration_sequences()) == len(prompts("copa")) == 12
+
+
+def test_allow_fewer_gives_a_short_source_all_it_has(tiny_llama):
+    """SEAP asks 200 prompts per task; WinoGrande reserves 124 for calibration: an error unless allow_fewer."""
+    from prunekit.tasks import prompts
+
+    options = {"corpus": "task", "corpus_options": {"tasks": ["copa", "winogrande"]}, "packing": "documents",
+               "num_samples": 20, "seq_len": 128, "sampling": "random"}
+    with pytest.raises(PrunekitError, match="source 'copa' of corpus 'task' has 12 documents.*allow_fewer"):
+        CalibrationDataModule(str(tiny_llama), **options).calibration_sequences()
+    dm = CalibrationDataModule(str(tiny_llama), allow_fewer=True, **options)
+    assert len(dm.calibration_sequences()) == len(prompts("copa")) + 20
+    assert dm.calibration_labels().count(0) == 12 and dm.calibration_labels().count(1) == 20
+    assert "2 sources (copa 12, winogrande 20)" in dm.describe_calibration()
