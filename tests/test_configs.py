@@ -52,3 +52,20 @@ def test_sensitivity_config_parses(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "metric: piqa" in out and "- 1.0" in out
+
+
+@pytest.mark.parametrize("name", ["seap.yaml", "seap-gen.yaml", "activations.yaml"])
+def test_task_data_of_configs_is_satisfiable(name, tiny_llama):
+    """Parsing is not enough: the calibration data a config asks for must exist (200 prompts per task once
+    exceeded WinoGrande's reserved set and failed only at run time)."""
+    import yaml
+
+    from prunekit.data import CalibrationDataModule
+
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    data = config["data"]
+    if "tasks" in config:  # the activations command passes its --tasks to the task corpus
+        data["corpus_options"] = {"tasks": config["tasks"]}
+    dm = CalibrationDataModule(str(tiny_llama), **data)
+    sources = dm.calibration_sources()
+    assert len(sources) >= 7 and len(dm.calibration_sequences()) >= 7 * 32
