@@ -35,10 +35,17 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
 
-def run(args: list[str], out: Path, progress: Progress | None = None) -> dict:
-    """``prunekit <args> --output_dir out`` in its own process; its metrics.json."""
+def run(args: list[str], out: Path, progress: Progress | None = None, reuse: bool = False) -> dict:
+    """``prunekit <args> --output_dir out`` in its own process; its metrics.json.
+
+    ``reuse``: a finished step (``out/metrics.json`` exists, written last and atomically by prunekit) is not
+    run again, so an interrupted benchmark resumes where it stopped (use one work folder per configuration).
+    """
     if progress is not None:
         progress.step(f"{args[0]} {out.name}")
+    if reuse and (out / "metrics.json").exists():
+        print(f"reusing {out} (finished earlier)", flush=True)
+        return json.loads((out / "metrics.json").read_text())
     cmd = [prunekit(), *args, "--output_dir", str(out), "--trainer.logger", "false"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=out.parent)

@@ -18,6 +18,7 @@ Writes ``seap.md``, ``seap.json``, ``seap_accuracy.png`` and ``seap_perplexity.p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -55,6 +56,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(methods(1)), choices=list(methods(1)))
     parser.add_argument("--allocations", action="store_true", help="also seap with uniform and adaptive (Table 3)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure decode tokens/s (--no-bench: accuracy and perplexity only)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep every run's folder here and reuse finished ones (resume); default: a temporary folder")
     args = parser.parse_args()
     data = common.data_flags(args)
     task_flags = ["--tasks", "[perplexity,seap7]", *(["--limit", f"{args.limit:g}"] if args.limit else [])]
@@ -65,27 +70,36 @@ def main() -> None:
     started = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        dense = common.run(["eval", *data, *task_flags], work / "dense-eval", progress)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        dense = common.run(["eval", *data, *task_flags], work / "dense-eval", progress, reuse=True)
         rows.append(_row("dense", "-", 0.0, dense, None))
-        folders = {}
+        folders, statistics = {}, None
         for method, ratio, allocation in runs:
             name = f"{method}-{allocation}-{int(round(ratio * 100))}"
             options = methods(args.num_prompts, allocation)[method]
+            if method in ("seap", "seap-gen"):  # one calibration pass serves every seap/seap-gen run
+                options += (["--statistics", str(statistics)] if statistics else ["--save_statistics", "true"])
             pruned = common.run(["prune", *data, *options, "--strategy.sparsity", str(ratio), "--eval_dense", "false"],
-                                work / name, progress)
-            evaluated = common.run(["eval", *data, "--model", str(work / name), *task_flags], work / f"{name}-eval",
-                                   progress)
+                                work / name, progress, reuse=True)
+            if method in ("seap", "seap-gen") and statistics is None:
+                statistics = work / name / "statistics.safetensors"
+            # a task-routed folder's own perplexity is the dense model's; the experts' come from the prune step
+            flags = ["--tasks", "[seap7]", *task_flags[2:]] if method == "seap" else task_flags
+            evaluated = common.run(["eval", *data, "--model", str(work / name), *flags], work / f"{name}-eval",
+                                   progress, reuse=True)
             rows.append(_row(method, allocation, ratio, evaluated, pruned))
             if method != "seap":
                 folders[name] = str(work / name)
+        speed = {}
         bench_out = work / "bench.json"
         cmd = [common.prunekit(), "bench", "--model", args.model, "--pruned", json.dumps(list(folders.values())),
                "--batch_sizes", "[1]", "--repeats", str(args.repeats), "--peak_memory", "false", "--output", str(bench_out)]
         progress.step("bench")
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
-        speed = {r["model"]: r for r in json.loads(bench_out.read_text())}
+        if args.bench:
+            print("$", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True)
+            speed = {r["model"]: r for r in json.loads(bench_out.read_text())}
     for row in rows:
         key = Path(args.model).name if row["method"] == "dense" else f"{row['method']}-{row['allocation']}-{int(round(row['ratio'] * 100))}"
         if row["method"] == "seap":  # experts share seap-gen's per-layer widths under the same schedule
@@ -114,7 +128,7 @@ def main() -> None:
 
 def _row(method: str, allocation: str, ratio: float, ev: dict, pruned: dict | None) -> dict:
     tasks = ev.get("tasks", {}).get("tasks", {})
-    row = {"method": method, "allocation": allocation, "ratio": ratio, "perplexity": ev["perplexity"],
+    row = {"method": method, "allocation": allocation, "ratio": ratio, "perplexity": ev.get("perplexity"),
            **{f"acc/{t}": tasks.get(t, {}).get("acc") for t in TASKS},
            **{f"acc_norm/{t}": tasks.get(t, {}).get("acc_norm") for t in TASKS},
            "average_acc": ev.get("tasks", {}).get("average", {}).get("acc"),
@@ -124,6 +138,8 @@ def _row(method: str, allocation: str, ratio: float, ev: dict, pruned: dict | No
         if "experts" in pruned:  # seap: per-expert removed fraction and perplexity, the router's held-out figures
             row["removed"] = sum(e["pruned_fraction"] for e in pruned["experts"].values()) / len(pruned["experts"])
             row["expert_perplexity"] = {t: e["perplexity"] for t, e in pruned["experts"].items()}
+            task_ppl = [p for t, p in row["expert_perplexity"].items() if t in TASKS]
+            row["perplexity"] = sum(task_ppl) / len(task_ppl)  # the mean over the seven task experts
             row["router"] = pruned.get("router")
             row["params"] = sum(e["params_total"] for e in pruned["experts"].values()) / len(pruned["experts"])
         else:

@@ -125,6 +125,9 @@ class PruneCLI(_BaseCLI):
         parser.add_argument("--save_model", type=bool, default=True, help="Save the pruned model (safetensors).")
         parser.add_argument("--save_statistics", type=bool, default=False,
                             help="Save the reduced calibration statistics to statistics.safetensors.")
+        parser.add_argument("--statistics", type=str | None, default=None,
+                            help="Prune from a statistics.safetensors saved by --save_statistics (same model and "
+                                 "calibration data) instead of calibrating; all-at-once mode.")
         parser.add_argument("--router", type=bool, default=True,
                             help="With task experts (seap --strategy.tasks): also train a task router (saved in the folder).")
         parser.add_argument("--router_per_task", type=int, default=200,
@@ -207,7 +210,9 @@ def run_prune(cli: PruneCLI) -> dict:
     # Validate everything cheap before the expensive passes: targets, N:M widths, both corpora.
     dm.check_model(module.model.config)
     strategy.targets(module.model)
-    if strategy.needs_calibration:
+    if cli.config.statistics:
+        strategy.load_statistics(module.model, cli.config.statistics)  # fail early on a wrong or missing file
+    elif strategy.needs_calibration:
         dm.calibration_sequences()
     dm.evaluation_windows()
     dense_summary = summarize_sparsity(sparsity_report(module.model))
@@ -219,6 +224,8 @@ def run_prune(cli: PruneCLI) -> dict:
                  "eval_windows": int(dm.evaluation_windows().shape[0])},
         "world_size": trainer.world_size,
     }
+    if cli.config.statistics:
+        result["data"]["statistics"] = str(cli.config.statistics)
     dense_linear, dense_nonzero = linear_counts(module.model)
     dense = {**parameter_counts(module.model), "sparsity": dense_summary["sparsity_linear"],
              "pruned_fraction": 1 - dense_nonzero / dense_linear}
@@ -234,7 +241,7 @@ def run_prune(cli: PruneCLI) -> dict:
     structured = isinstance(strategy, StructuredStrategy)
     if structured:
         result["dense_structure"] = structure(module.model)
-    strategy.run(trainer, module, dm)
+    strategy.run(trainer, module, dm, statistics=cli.config.statistics)
     if getattr(strategy, "experts_", None):
         return _finish_experts(cli, strategy, result, dense_linear, start)
     summary = summarize_sparsity(sparsity_report(module.model))
@@ -263,8 +270,7 @@ def run_prune(cli: PruneCLI) -> dict:
         rows.append({"name": f"dense {Path(module.model_name).name}", **dense, "time_s": None})
     rows.append({"name": label, **pruned, "time_s": pruned["calibrate_prune_s"]})
     print()
-    calibration = dm.describe_calibration() if strategy.needs_calibration else "none (data-free method)"
-    print(f"calibration: {calibration}; "
+    print(f"calibration: {_calibration_text(cli, strategy, dm)}; "
           f"evaluation: {dm.eval_corpus} held-out, {result['data']['eval_windows']} x {dm.seq_len} tokens; "
           f"processes: {trainer.world_size}")
     _print_table(rows)
@@ -313,6 +319,12 @@ def run_prune(cli: PruneCLI) -> dict:
     return result
 
 
+def _calibration_text(cli, strategy, dm) -> str:
+    if cli.config.statistics:
+        return f"statistics of an earlier pass, read from {cli.config.statistics}"
+    return dm.describe_calibration() if strategy.needs_calibration else "none (data-free method)"
+
+
 def _write_records(folder: Path, config_text: str, result: dict, strategy, source: str, image: Path) -> None:
     """What every prune output folder holds besides the model: config, metrics, provenance, plot, statistics."""
     (folder / "config.yaml").write_text(config_text)
@@ -323,7 +335,8 @@ def _write_records(folder: Path, config_text: str, result: dict, strategy, sourc
         from safetensors.torch import save_file
 
         flat = {f"{n}.{k}": v.contiguous() for n, d in strategy.statistics_.items() for k, v in d.items()}
-        save_file(flat, str(folder / "statistics.safetensors"))  # --save_statistics
+        meta = {"strategy": strategy.name, "sources": json.dumps(strategy.sources_ or None)}
+        save_file(flat, str(folder / "statistics.safetensors"), metadata=meta)  # --save_statistics
 
 
 def _expert_perplexities(trainer, module, dm, routed) -> dict[str, dict]:
@@ -371,7 +384,7 @@ def _finish_experts(cli, strategy, result: dict, dense_linear: int, start: float
     if not trainer.is_global_zero:
         return result
     dense = result["dense"]
-    print(f"\ncalibration: {dm.describe_calibration()}; evaluation: {dm.eval_corpus} held-out, "
+    print(f"\ncalibration: {_calibration_text(cli, strategy, dm)}; evaluation: {dm.eval_corpus} held-out, "
           f"{result['data']['eval_windows']} x {dm.seq_len} tokens; processes: {trainer.world_size}")
     rows = [{"name": f"dense {Path(module.model_name).name}", **dense, "time_s": None}] if "perplexity" in dense else []
     rows += [{"name": f"{strategy.name} expert: {task}", **row, "time_s": None} for task, row in result["experts"].items()]

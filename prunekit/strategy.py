@@ -19,8 +19,10 @@ A subclass sets ``statistics`` (what it needs per linear input) and implements `
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -188,13 +190,23 @@ class PruningStrategy(pl.Callback):
                 check_nm(ref.in_features, self.nm, ref.name)
         return refs
 
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule=None) -> None:
-        """Calibrate (if the method needs data) and prune ``pl_module.model`` in place."""
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule=None,
+            statistics: str | Path | None = None) -> None:
+        """Calibrate (if the method needs data) and prune ``pl_module.model`` in place.
+
+        ``statistics``: a ``statistics.safetensors`` saved by an earlier run (``--save_statistics true``) on the
+        same model and calibration data; its statistics replace the calibration pass (all-at-once mode only),
+        so one pass can serve several ratios, allocations or methods that read the same statistics.
+        """
         if self.pruned:
             raise PrunekitError(f"strategy {self.name} has already pruned this model")
         self.targets(pl_module.model)  # validate before any work
         start = time.perf_counter()
-        if self.needs_calibration:
+        if statistics is not None:
+            stats = self.load_statistics(pl_module.model, statistics)
+            self.prune_refs(pl_module, self.targets(pl_module.model), stats)
+            self._finish(trainer, pl_module)
+        elif self.needs_calibration:
             if datamodule is None:
                 raise PrunekitError(f"strategy {self.name} needs calibration data")
             if self.per_source:
@@ -211,6 +223,51 @@ class PruningStrategy(pl.Callback):
         self.timings["prune_s"] = time.perf_counter() - start
         if not self.pruned:
             raise PrunekitError("calibration ended without pruning (was the strategy attached to the trainer?)")
+
+    def load_statistics(self, model: nn.Module, path: str | Path) -> dict[str, dict[str, Statistic]]:
+        """This strategy's statistics for ``model``'s targets, read from a saved ``statistics.safetensors``."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not self.needs_calibration:
+            raise PrunekitError(f"strategy {self.name} uses no calibration statistics; drop --statistics")
+        if self.mode != "all-at-once":
+            raise PrunekitError("saved statistics come from the dense model, but sequential mode needs the inputs of "
+                                "already-pruned layers: use --strategy.mode all-at-once, or calibrate")
+        if not path.is_file():
+            raise PrunekitError(f"statistics file {path} does not exist; save one with --save_statistics true "
+                                "(it is written as statistics.safetensors in the output folder)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        sources = json.loads(meta.get("sources", "null"))
+        if self.per_source and not sources:
+            raise PrunekitError(f"strategy {self.name} keeps statistics per source, but {path} has none: save them "
+                                "from a run with --data.packing documents and a corpus with sources")
+        self.sources_ = sources if self.per_source else None
+        names = ([f"{k}@{s}" for s in sources for k in self.statistics] + list(self.statistics)
+                 if self.per_source else list(self.statistics))
+        stats: dict[str, dict[str, Statistic]] = {}
+        for ref in self.targets(model):
+            group = {}
+            for name in names:
+                stat = self.statistics[name.split("@")[0]](ref.in_features)
+                for field, t in stat.tensors().items():
+                    key = f"{ref.name}.{name}.{field}"
+                    if key not in tensors:
+                        raise PrunekitError(f"{path} has no {key}: it was saved by a strategy with other "
+                                            f"statistics ({meta.get('strategy', '?')}) or for another model; "
+                                            f"{self.name} needs {', '.join(self.statistics)}")
+                    if tensors[key].shape != t.shape:
+                        raise PrunekitError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, but "
+                                            f"{ref.name} needs {tuple(t.shape)}: statistics of another model")
+                    t.copy_(tensors[key])
+                group[name] = stat
+            stats[ref.name] = group
+            if self.keep_statistics:
+                self.statistics_[ref.name] = {f"{k}.{f}": v.clone() for k, s in group.items()
+                                              for f, v in s.tensors().items()}
+        return stats
 
     # ----------------------------------------------------------------------------- Lightning hooks
     def _active(self, pl_module) -> bool:

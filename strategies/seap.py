@@ -182,7 +182,7 @@ class SEAPGen(SEAP):
     name = "seap-gen"
 
     def __init__(self, sparsity: float = 0.2, weights: dict[str, float] | None = None, **kwargs) -> None:
-        if "task" in kwargs or "tasks" in kwargs:
+        if kwargs.get("task") is not None or kwargs.get("tasks"):  # the CLI passes both as None
             raise PrunekitError("seap-gen combines every source into one mask; for task experts use --strategy seap")
         super().__init__(sparsity=sparsity, **kwargs)
         self.weights = dict(weights) if weights is not None else {"wiki": 3.0, "*": 2.0}

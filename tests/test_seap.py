@@ -304,3 +304,38 @@ def test_logistic_schedule_keeps_the_ends_dense_and_meets_the_ratio(tmp_path):
     assert fractions == sorted(fractions) and fractions[0] < fractions[-1]  # sparsity grows with depth
     dense_total = linear_counts(dense)[0]
     assert 1 - linear_counts(module.model)[1] / dense_total == pytest.approx(0.3, abs=0.02)
+
+
+def test_pruning_from_saved_statistics_equals_calibrating(tiny_llama, tmp_path, monkeypatch):
+    """One calibration pass serves several runs: seap-gen at another ratio from seap's saved statistics gives the
+    same model as seap-gen calibrating itself; wrong files and sequential mode are refused."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    corpus = "{tasks: [copa, boolq], general: wiki}"
+    assert _seap_cli(tiny_llama, tmp_path / "first", "--strategy.task", "copa", "--save_statistics", "true",
+                     corpus=corpus) == 0
+    saved = tmp_path / "first" / "statistics.safetensors"
+
+    def gen(out, *extra):
+        return main(["prune", "--model", str(tiny_llama), "--strategy", "seap-gen", "--strategy.sparsity", "0.5",
+                     "--strategy.allocation", "uniform",
+                     "--data.corpus", "task", "--data.corpus_options", corpus, "--data.packing", "documents",
+                     "--data.num_samples", "6", "--data.seq_len", "64", "--data.eval_samples", "2",
+                     "--output_dir", str(tmp_path / out), *extra])
+
+    assert gen("calibrated") == 0 and gen("from-file", "--statistics", str(saved)) == 0
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("calibrated", "from-file"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((tmp_path / "from-file" / "metrics.json").read_text())
+    assert metrics["data"]["statistics"] == str(saved)
+    assert metrics["pruned"]["pruned_fraction"] == pytest.approx(0.5, abs=0.03)
+
+    assert gen("missing", "--statistics", str(tmp_path / "nope.safetensors")) == 2
+    assert main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", "--data.eval_samples", "2",
+                 "--data.seq_len", "64", "--statistics", str(saved), "--output_dir", str(tmp_path / "w")]) == 2
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "w").exists()
+    from prunekit.strategies.wanda import Wanda
+
+    with pytest.raises(PrunekitError, match="sequential mode"):
+        Wanda(mode="sequential").load_statistics(None, saved)
