@@ -1,9 +1,10 @@
 """The SEAP paper's Table 1 (and Tables 2–3) on SmolLM2: seap, seap-gen, wanda-sp and flap at 20% and 50%.
 
 Every method uses SEAP's logistic layer schedule (first and last 2 layers dense), as the paper's Table 1.
-``seap`` and ``seap-gen`` calibrate in one pass on the seven tasks' reserved calibration prompts (each
-rendered with its gold answer, up to ``num_prompts`` per task: WinoGrande has 124, PIQA 170) plus ``num_prompts`` wiki articles (the general
-source, seap-gen's weight 3 against 2 per task); ``seap`` makes one expert per task and each task is scored
+``seap`` and ``seap-gen`` calibrate on the seven tasks' reserved calibration prompts (each rendered with its
+gold answer, up to ``num_prompts`` per task: WinoGrande has 124, PIQA 170) plus ``num_prompts`` wiki
+paragraphs (the general source, seap-gen's weight 3 against 2 per task), in one pass whose saved statistics
+every later seap/seap-gen run reads (``prunekit prune --statistics``); ``seap`` makes one expert per task and each task is scored
 with its own expert (oracle routing, as the paper), plus a task router trained on calibration prompts and
 scored on held-out ones. The baselines calibrate on wiki windows. Each model gets perplexity (wiki
 held-out) and lm-eval accuracy on the seven tasks (first ``limit`` documents each); one ``prunekit bench``
@@ -12,6 +13,7 @@ the logistic schedule, so seap-gen's folder stands for them). ``--allocations`` 
 of seap (Table 3) at the first ratio.
 
     python benchmarks/seap.py [--ratios 0.2 0.5] [--limit 100] [--num_prompts 200] [--allocations]
+                              [--work DIR (keep runs; resume)] [--no-bench]
 
 Writes ``seap.md``, ``seap.json``, ``seap_accuracy.png`` and ``seap_perplexity.png``.
 """
@@ -80,6 +82,8 @@ def main() -> None:
             options = methods(args.num_prompts, allocation)[method]
             if method in ("seap", "seap-gen"):  # one calibration pass serves every seap/seap-gen run
                 options += (["--statistics", str(statistics)] if statistics else ["--save_statistics", "true"])
+            if method == "seap" and any(r.get("router") for r in rows):
+                options += ["--router", "false"]  # the router does not depend on the ratio: trained once
             pruned = common.run(["prune", *data, *options, "--strategy.sparsity", str(ratio), "--eval_dense", "false"],
                                 work / name, progress, reuse=True)
             if method in ("seap", "seap-gen") and statistics is None:
