@@ -1,9 +1,10 @@
 """Layer sensitivity: prune one decoder layer at a time and measure what it costs (SEAP Figures 5–6).
 
 For every layer ℓ and ratio r, a model is built that differs from the dense one only in layer ℓ, where a
-seeded random choice of round(r · heads) query heads and round(r · channels) MLP channels is removed (one
+seeded random choice of r · heads query heads and r · channels MLP channels (rounded half up) is removed (one
 random order per layer, so a larger ratio removes a superset of a smaller one; r = 1
-empties the layer's attention and MLP; the residual stream passes through). The model is then scored on the
+empties the layer's attention and MLP; the residual stream passes through). Under grouped-query attention
+whole KV groups are removed (r · groups of them), as everywhere in prunekit. The model is then scored on the
 held-out perplexity or on an lm-eval task. Only layer ℓ is copied for each model (``routing.build_expert``),
 so memory stays at the dense model plus one layer.
 
@@ -28,11 +29,13 @@ def random_layer_plan(model: nn.Module, layer: int, ratio: float, seed: int) -> 
     """(query heads, MLP channels) to remove from ``layer``: round(ratio · count) of each, seeded per layer."""
     if not 0 < ratio <= 1:
         raise PrunekitError(f"sensitivity ratios must be in (0, 1], got {ratio}")
-    n_q = attention_heads(model, layer)[0]
+    n_q, n_kv = attention_heads(model, layer)[:2]
     width = mlp_width(model, layer)
     gen = torch.Generator().manual_seed(seed * 100_003 + layer)
-    heads = sorted(torch.randperm(n_q, generator=gen)[: round(ratio * n_q)].tolist())
-    channels = sorted(torch.randperm(width, generator=gen)[: round(ratio * width)].tolist())
+    group = n_q // n_kv  # grouped-query attention: whole KV groups go (their query heads share K and V)
+    groups = torch.randperm(n_kv, generator=gen)[: int(ratio * n_kv + 0.5)].tolist()
+    heads = sorted(h for g in groups for h in range(g * group, (g + 1) * group))
+    channels = sorted(torch.randperm(width, generator=gen)[: int(ratio * width + 0.5)].tolist())
     return heads, channels
 
 

@@ -15,12 +15,16 @@ from prunekit.sensitivity import layer_models, random_layer_plan
 
 def test_only_the_chosen_layer_changes_and_larger_ratios_remove_supersets(tiny_llama):
     dense = PrunableLM(str(tiny_llama)).model
-    small, large = random_layer_plan(dense, 1, 0.25, 0), random_layer_plan(dense, 1, 0.5, 0)
-    assert len(small[0]) == 1 and len(large[0]) == 2  # of 4 query heads
-    assert len(small[1]) == 32 and len(large[1]) == 64  # of 128 channels
+    small, large = random_layer_plan(dense, 1, 0.25, 0), random_layer_plan(dense, 1, 0.75, 0)
+    # 4 query heads in 2 KV groups: whole groups go (0.25 · 2 rounds half up to 1 group, 0.75 · 2 to 2)
+    assert small[0] in ([0, 1], [2, 3]) and large[0] == [0, 1, 2, 3]
+    assert len(small[1]) == 32 and len(large[1]) == 96  # of 128 channels
     assert set(small[0]) <= set(large[0]) and set(small[1]) <= set(large[1])
-    assert random_layer_plan(dense, 1, 0.5, 0) == large and random_layer_plan(dense, 1, 0.5, 1) != large
+    assert random_layer_plan(dense, 1, 0.75, 0) == large and random_layer_plan(dense, 1, 0.75, 1) != large
     seen = []
+    for seed in range(4):  # every random choice builds a valid GQA model
+        for _, _, model in layer_models(dense, [0.25, 0.5], seed=seed, layers=[0]):
+            assert model.model.layers[0].self_attn.o_proj.in_features in (0, 32)
     for layer, ratio, model in layer_models(dense, [0.5, 1.0], seed=0):
         for i, (mine, theirs) in enumerate(zip(model.model.layers, dense.model.layers)):
             assert (mine is theirs) == (i != layer)
