@@ -147,6 +147,27 @@ def plots(rows: list[dict], meta: dict, out: Path) -> None:
                     log_scale=True, title=f"{name}: perplexity, {meta['perplexity']}")
 
 
+def _row(method: str, allocation: str, ratio: float, ev: dict, pruned: dict | None) -> dict:
+    tasks = ev.get("tasks", {}).get("tasks", {})
+    row = {"method": method, "allocation": allocation, "ratio": ratio, "perplexity": ev.get("perplexity"),
+           **{f"acc/{t}": tasks.get(t, {}).get("acc") for t in TASKS},
+           **{f"acc_norm/{t}": tasks.get(t, {}).get("acc_norm") for t in TASKS},
+           "average_acc": ev.get("tasks", {}).get("average", {}).get("acc"),
+           "params": ev["params_total"], "experts": ev.get("tasks", {}).get("experts")}
+    if pruned is not None:
+        row["prune_s"] = pruned.get("calibrate_prune_s") or pruned.get("pruned", {}).get("calibrate_prune_s")
+        if "experts" in pruned:  # seap: per-expert removed fraction and perplexity, the router's held-out figures
+            row["removed"] = sum(e["pruned_fraction"] for e in pruned["experts"].values()) / len(pruned["experts"])
+            row["expert_perplexity"] = {t: e["perplexity"] for t, e in pruned["experts"].items()}
+            task_ppl = [p for t, p in row["expert_perplexity"].items() if t in TASKS]
+            row["perplexity"] = sum(task_ppl) / len(task_ppl)  # the mean over the seven task experts
+            row["router"] = pruned.get("router")
+            row["params"] = sum(e["params_total"] for e in pruned["experts"].values()) / len(pruned["experts"])
+        else:
+            row["removed"] = pruned["pruned"]["pruned_fraction"]
+    return row
+
+
 def signal_tasks(dense: dict) -> list[str]:
     """The tasks the dense model scores above chance on (``CHANCE``)."""
     return [t for t in TASKS if dense.get(f"acc/{t}") is not None and dense[f"acc/{t}"] > CHANCE[t]]

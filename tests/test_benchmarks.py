@@ -1,4 +1,4 @@
-"""The results suite regenerates its table and plots from one command (tiny model, one method, one ratio)."""
+"""The benchmark scripts regenerate their tables and plots from one command (tiny models, few runs)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,34 @@ def test_suite_writes_table_json_and_plots_with_progress(tiny_llama, tmp_path):
     assert "| wanda-50 | 50% |" in table and "| flap-50 | 50% |" in table
     for name in ("suite_perplexity.png", "suite_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seap_benchmark_shares_one_calibration_and_resumes(tmp_path):
+    """SEAP's Table 1 script on an 8-layer tiny model (the logistic schedule keeps 4 layers dense): seap saves the
+    statistics, seap-gen prunes from them, seap's row carries its experts' perplexity and the router; a second
+    run with the same --work reuses every finished step."""
+    from tiny import make_model
+
+    model = make_model("llama", tmp_path / "tiny8", layers=8)
+    out, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "seap.py"), "--model", str(model), "--methods", "seap",
+           "seap-gen", "--ratios", "0.2", "--limit", "2", "--num_prompts", "4", "--num_samples", "4", "--seq_len",
+           "64", "--eval_samples", "2", "--no-bench", "--work", str(work), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "seap-logistic-20" / "statistics.safetensors").is_file()
+    gen = json.loads((work / "seap-gen-logistic-20" / "metrics.json").read_text())
+    assert gen["data"]["statistics"] == str(work / "seap-logistic-20" / "statistics.safetensors")
+    rows = json.loads((out / "seap.json").read_text())["rows"]
+    assert [(row["method"], row["ratio"]) for row in rows] == [("dense", 0.0), ("seap", 0.2), ("seap-gen", 0.2)]
+    seap = rows[1]
+    assert seap["removed"] == pytest.approx(0.2, abs=0.03) and seap["router"]["accuracy"] >= 0
+    experts = [p for t, p in seap["expert_perplexity"].items() if t != "wiki"]
+    assert len(experts) == 7 and seap["perplexity"] == pytest.approx(sum(experts) / 7)
+    assert all(0 <= row["average_acc"] <= 1 for row in rows)
+    assert "| seap | logistic | 20% |" in (out / "seap.md").read_text()
+    for name in ("seap_accuracy.png", "seap_accuracy_above_chance.png", "seap_perplexity.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 5
