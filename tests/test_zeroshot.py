@@ -51,13 +51,13 @@ def test_eval_cli_rejects_unknown_task(tiny_llama, tmp_path, capsys):
 
 @pytest.mark.real
 def test_smollm2_is_well_above_chance_on_piqa_and_arc_easy():
-    """A guard against a broken prompt format: 200 documents each (lm-eval's first 200)."""
+    """A guard against a broken prompt format: lm-eval's first 100 documents of each (PIQA chance 0.5, ARC-e 0.25)."""
     from prunekit.models import load_model, load_tokenizer
 
     model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
-    summary = evaluate_tasks(model, tokenizer, ["piqa", "arc_easy"], limit=200, batch_size=16)
+    summary = evaluate_tasks(model, tokenizer, ["piqa", "arc_easy"], limit=100, batch_size=16)
     piqa, arc = summary["tasks"]["piqa"]["acc"], summary["tasks"]["arc_easy"]["acc"]
-    print(f"\nSmolLM2-135M-Instruct, first 200 documents: piqa acc {piqa:.3f} "
+    print(f"\nSmolLM2-135M-Instruct, first 100 documents: piqa acc {piqa:.3f} "
           f"(acc_norm {summary['tasks']['piqa']['acc_norm']:.3f}), arc_easy acc {arc:.3f} "
           f"(acc_norm {summary['tasks']['arc_easy']['acc_norm']:.3f})")
     assert piqa > 0.6 and arc > 0.45
