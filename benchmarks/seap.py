@@ -122,6 +122,9 @@ def main() -> None:
                            f"baselines: wiki, {args.num_samples} x {args.seq_len} tokens",
             "perplexity": f"wiki held-out, {args.eval_samples} x {args.seq_len} tokens",
             "cpu_count": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS"), "total_s": time.time() - started}
+    signal = signal_tasks(rows[0])
+    for r in rows:
+        r["average_above_chance"] = sum(r[f"acc/{t}"] for t in signal) / len(signal) if signal else None
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seap.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = format_table(rows, meta)
@@ -135,8 +138,6 @@ def plots(rows: list[dict], meta: dict, out: Path) -> None:
     from prunekit.plots import metric_vs_ratio
 
     signal = signal_tasks(rows[0])
-    for r in rows:
-        r["average_above_chance"] = sum(r[f"acc/{t}"] for t in signal) / len(signal)
     logistic = [r for r in rows if r["allocation"] == "logistic"]
     name, limit = Path(meta["model"]).name, f", first {meta['limit']:g} docs" if meta["limit"] else ""
     metric_vs_ratio(logistic, "average_acc", out / "seap_accuracy.png", dense=rows[0]["average_acc"],
@@ -181,8 +182,7 @@ def format_table(rows: list[dict], meta: dict) -> str:
     for r in rows:
         speed = f"{r['decode_tok_s']:.1f} ({r['decode_speedup']:.2f}x)" if "decode_tok_s" in r else "-"
         ratio = f"{r['ratio']:.0%}" if r["method"] != "dense" else "-"
-        above = [r.get(f"acc/{t}") for t in signal]
-        above = f"{sum(above) / len(above):.3f}" if above and None not in above else "-"
+        above = f"{r['average_above_chance']:.3f}" if r.get("average_above_chance") is not None else "-"
         lines.append(f"| {r['method']} | {r['allocation']} | {ratio} | " + " | ".join(common.acc_cells(r, TASKS)) +
                      f" | {above} | {r['perplexity']:.2f} | {r['params'] / 1e6:.1f}M | {speed} |")
     lines += ["", f"\"average above chance\": the tasks the dense model beats blind answering on ({', '.join(signal)}; "

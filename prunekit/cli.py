@@ -210,8 +210,9 @@ def run_prune(cli: PruneCLI) -> dict:
     # Validate everything cheap before the expensive passes: targets, N:M widths, both corpora.
     dm.check_model(module.model.config)
     strategy.targets(module.model)
-    if cli.config.statistics:
-        strategy.load_statistics(module.model, cli.config.statistics)  # fail early on a wrong or missing file
+    saved = None
+    if cli.config.statistics:  # read once, before any work: a wrong or missing file fails here
+        saved = strategy.load_statistics(module.model, cli.config.statistics)
     elif strategy.needs_calibration:
         dm.calibration_sequences()
     dm.evaluation_windows()
@@ -241,7 +242,7 @@ def run_prune(cli: PruneCLI) -> dict:
     structured = isinstance(strategy, StructuredStrategy)
     if structured:
         result["dense_structure"] = structure(module.model)
-    strategy.run(trainer, module, dm, statistics=cli.config.statistics)
+    strategy.run(trainer, module, dm, statistics=saved)
     if getattr(strategy, "experts_", None):
         return _finish_experts(cli, strategy, result, dense_linear, start)
     summary = summarize_sparsity(sparsity_report(module.model))

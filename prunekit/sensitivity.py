@@ -26,7 +26,8 @@ from prunekit.surgery import attention_heads, mlp_width
 
 
 def random_layer_plan(model: nn.Module, layer: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
-    """(query heads, MLP channels) to remove from ``layer``: round(ratio · count) of each, seeded per layer."""
+    """(query heads, MLP channels) to remove from ``layer``: ratio · count of each (rounded half up; whole KV
+    groups of heads under grouped-query attention), seeded per layer."""
     if not 0 < ratio <= 1:
         raise PrunekitError(f"sensitivity ratios must be in (0, 1], got {ratio}")
     n_q, n_kv = attention_heads(model, layer)[:2]

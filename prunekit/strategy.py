@@ -59,7 +59,7 @@ class _Collector:
         for ref in refs:
             key = (ref.layer, _input_key(ref.role))
             if key not in shared:
-                names = [f"{k}@{src}" for src in self.sources for k in kinds] if self.sources else list(kinds)
+                names = _statistic_names(kinds, self.sources)
                 shared[key] = {n: kinds[n.split("@")[0]](ref.in_features) for n in names}
                 self._groups.append((ref.in_features, shared[key]))
                 self._handles.append(ref.module.register_forward_hook(self._hook(ref.name, shared[key])))
@@ -97,6 +97,11 @@ class _Collector:
                 for source in self.sources:
                     total.absorb(group[f"{kind}@{source}"])
                 group[kind] = total
+
+
+def _statistic_names(kinds: Iterable[str], sources: list[str] | None) -> list[str]:
+    """The statistics kept per linear input: ``"<kind>@<source>"`` per source, or one ``"<kind>"`` each."""
+    return [f"{k}@{src}" for src in sources for k in kinds] if sources else list(kinds)
 
 
 def reduce_statistics(trainer: pl.Trainer, stats: Iterable[Statistic]) -> None:
@@ -191,20 +196,22 @@ class PruningStrategy(pl.Callback):
         return refs
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule=None,
-            statistics: str | Path | None = None) -> None:
+            statistics: str | Path | dict[str, dict[str, Statistic]] | None = None) -> None:
         """Calibrate (if the method needs data) and prune ``pl_module.model`` in place.
 
         ``statistics``: a ``statistics.safetensors`` saved by an earlier run (``--save_statistics true``) on the
-        same model and calibration data; its statistics replace the calibration pass (all-at-once mode only),
-        so one pass can serve several ratios, allocations or methods that read the same statistics.
+        same model and calibration data, or what ``load_statistics`` read from one; its statistics replace the
+        calibration pass (all-at-once mode only), so one pass can serve several ratios, allocations or methods
+        that read the same statistics.
         """
         if self.pruned:
             raise PrunekitError(f"strategy {self.name} has already pruned this model")
         self.targets(pl_module.model)  # validate before any work
         start = time.perf_counter()
         if statistics is not None:
-            stats = self.load_statistics(pl_module.model, statistics)
-            self.prune_refs(pl_module, self.targets(pl_module.model), stats)
+            if not isinstance(statistics, dict):
+                statistics = self.load_statistics(pl_module.model, statistics)
+            self.prune_refs(pl_module, self.targets(pl_module.model), statistics)
             self._finish(trainer, pl_module)
         elif self.needs_calibration:
             if datamodule is None:
@@ -245,8 +252,9 @@ class PruningStrategy(pl.Callback):
             raise PrunekitError(f"strategy {self.name} keeps statistics per source, but {path} has none: save them "
                                 "from a run with --data.packing documents and a corpus with sources")
         self.sources_ = sources if self.per_source else None
-        names = ([f"{k}@{s}" for s in sources for k in self.statistics] + list(self.statistics)
-                 if self.per_source else list(self.statistics))
+        names = _statistic_names(self.statistics, sources if self.per_source else None)
+        if self.per_source:
+            names += list(self.statistics)  # the totals over all sources (``_Collector.merge_sources``)
         stats: dict[str, dict[str, Statistic]] = {}
         for ref in self.targets(model):
             group = {}
