@@ -89,7 +89,7 @@ def main() -> None:
             if method in ("seap", "seap-gen"):  # one calibration pass serves every seap/seap-gen run
                 options += (["--statistics", str(statistics)] if statistics else ["--save_statistics", "true"])
             if method == "seap" and any(r.get("router") for r in rows):
-                options += ["--router", "false"]  # the router does not depend on the ratio: trained once
+                options += ["--strategy.router", "false"]  # the router does not depend on the ratio: trained once
             pruned = common.run(["prune", *data, *options, "--strategy.sparsity", str(ratio), "--eval_dense", "false"],
                                 work / name, progress, reuse=True)
             if method in ("seap", "seap-gen") and statistics is None:
@@ -154,16 +154,17 @@ def _row(method: str, allocation: str, ratio: float, ev: dict, pruned: dict | No
            **{f"acc/{t}": tasks.get(t, {}).get("acc") for t in TASKS},
            **{f"acc_norm/{t}": tasks.get(t, {}).get("acc_norm") for t in TASKS},
            "average_acc": ev.get("tasks", {}).get("average", {}).get("acc"),
-           "params": ev["params_total"], "experts": ev.get("tasks", {}).get("experts")}
+           "params": ev["params_total"], "experts": ev.get("tasks", {}).get("members")}
     if pruned is not None:
-        row["prune_s"] = pruned.get("calibrate_prune_s") or pruned.get("pruned", {}).get("calibrate_prune_s")
-        if "experts" in pruned:  # seap: per-expert removed fraction and perplexity, the router's held-out figures
-            row["removed"] = sum(e["pruned_fraction"] for e in pruned["experts"].values()) / len(pruned["experts"])
-            row["expert_perplexity"] = {t: e["perplexity"] for t, e in pruned["experts"].items()}
+        row["prune_s"] = pruned["pruned"]["calibrate_prune_s"]
+        members = pruned["pruned"].get("members")
+        if members:  # seap: per-expert removed fraction and perplexity, the router's held-out figures
+            row["removed"] = sum(e["pruned_fraction"] for e in members.values()) / len(members)
+            row["expert_perplexity"] = {t: e["perplexity"] for t, e in members.items()}
             task_ppl = [p for t, p in row["expert_perplexity"].items() if t in TASKS]
             row["perplexity"] = sum(task_ppl) / len(task_ppl)  # the mean over the seven task experts
-            row["router"] = pruned.get("router")
-            row["params"] = sum(e["params_total"] for e in pruned["experts"].values()) / len(pruned["experts"])
+            row["router"] = pruned["pruned"].get("router")
+            row["params"] = sum(e["params_total"] for e in members.values()) / len(members)
         else:
             row["removed"] = pruned["pruned"]["pruned_fraction"]
     return row

@@ -52,7 +52,7 @@ def main() -> None:
                 m = common.run(["prune", *data, *options, "--strategy.sparsity", str(ratio), "--eval_dense", "false"], folder,
                                progress)
                 p = m["pruned"]
-                layers = m["structure"]
+                layers = p["structure"]
                 rows.append({"method": method, "structure": structure, "ratio": ratio, "folder": folder.name,
                              "perplexity": p["perplexity"], "removed_linear": p["pruned_fraction"],
                              "removed_params": p["params_removed_fraction"], "params": p["params_total"],

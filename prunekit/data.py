@@ -23,6 +23,13 @@ Sources: a corpus function may return ``{source: documents}``. With ``packing=do
 keeps the index of its source (``calibration_sources`` / ``calibration_labels``; the batch carries it), so a
 strategy can keep statistics per source in one pass; ``num_samples`` then counts documents per source.
 
+Documents are strings, or ``(context, continuation)`` pairs (the ``task`` corpus' answered examples: the
+prompt and its gold answer). A pair is read as one text; with ``packing=documents`` its batch also carries a
+``loss_mask`` marking the continuation's tokens, so the gradient pipeline takes its loss on the answer only.
+
+Batches are dicts: ``input_ids`` (B, T), ``index`` (B,) global example indices, ``source`` (B,) source
+indices (``-1`` without sources) and ``loss_mask`` (B, T) — what ``prunekit.observe.as_batch`` reads.
+
 Packing of the calibration split (``packing``):
 
 - ``windows`` (default): documents are joined with blank lines and tokenized once; ``contiguous`` takes the
@@ -91,12 +98,17 @@ def sourced_documents(corpus: str, split: Split, **options) -> dict[str, list[st
         raise PrunekitError(f"unknown corpus {corpus!r}; available corpora: {', '.join(sorted(available))}")
     raw = available[corpus](split, **options)
     groups = raw if isinstance(raw, dict) else {corpus: raw}
-    out = {name: [d for d in docs if d.strip()] for name, docs in groups.items()}
+    out = {name: [d for d in docs if text_of(d).strip()] for name, docs in groups.items()}
     empty = [name for name, docs in out.items() if not docs]
     if not out or empty:
         where = f" (source {', '.join(empty)})" if len(out) > 1 else ""
         raise PrunekitError(f"corpus {corpus!r} has no documents in its {split} split{where}")
     return out
+
+
+def text_of(document: str | tuple[str, str]) -> str:
+    """A document's text: a string, or a (context, continuation) pair joined."""
+    return document if isinstance(document, str) else document[0] + document[1]
 
 
 def documents(corpus: str, split: Split, **options) -> list[str]:
@@ -147,6 +159,14 @@ def text_files(split: Split, paths: list[str] | None = None, text_field: str = "
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise PrunekitError(f"text corpus files not found: {missing}")
+    for path in paths:  # a binary file would fail deep inside datasets with a decoding traceback
+        try:
+            with open(path, encoding="utf-8") as fh:
+                while fh.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as e:
+            raise PrunekitError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); the text corpus reads "
+                                ".txt files and .jsonl files of UTF-8 text") from None
     import datasets
 
     kinds = {Path(p).suffix for p in paths}
@@ -164,19 +184,20 @@ def text_files(split: Split, paths: list[str] | None = None, text_field: str = "
 @register_corpus("task")
 def task_examples(split: Split, tasks: list[str] | str | None = None, answered: bool = True,
                   general: str | None = None) -> dict[str, list[str]]:
-    """Examples of lm-eval tasks as the model reads them (``answered``: with the gold answer appended), one
+    """Examples of lm-eval tasks as the model reads them (``answered``: (prompt, gold answer) pairs), one
     source per task (an lm-eval group such as ``mmlu`` is one source of all its subjects); ``general`` adds a
     registered text corpus (e.g. ``wiki``) as one more source, split into paragraphs of at least
     ``GENERAL_MIN_CHARS`` characters (SEAP's general samples are single WikiText lines; wiki's calibration
     articles give 3970 such paragraphs, median 522 characters)."""
-    from prunekit.tasks import expand, leaf_tasks, prompts
+    from prunekit.tasks import expand, leaf_tasks, prompt_pairs, prompts
 
     if not tasks:
         raise PrunekitError("corpus 'task' needs tasks: --data.corpus_options '{tasks: [piqa, arc_easy]}'")
     out = {}  # prunekit groups (seap7) give one source per task; an lm-eval group (mmlu) is one source
     for name in expand(tasks):
         if name != "perplexity":
-            out[name] = [text for task in leaf_tasks([name]) for text in prompts(task, split, answered=answered)]
+            out[name] = [doc for task in leaf_tasks([name])
+                         for doc in (prompt_pairs(task, split) if answered else prompts(task, split, answered=False))]
     if general:
         if general == "task" or general in out:
             raise PrunekitError(f"general corpus {general!r} would repeat a task source; name a text corpus (wiki)")
@@ -266,6 +287,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         self._documents: list[torch.Tensor] | None = None
         self._labels: list[int] = []
         self._sources: list[str] = []
+        self._masks: list[torch.Tensor] = []
         self._evaluation: torch.Tensor | None = None
 
     @property
@@ -294,7 +316,7 @@ class CalibrationDataModule(pl.LightningDataModule):
 
     def _tokens(self, corpus: str, split: Split, paths: list[str] | None) -> torch.Tensor:
         docs = documents(corpus, split, **self._options(corpus, paths))
-        ids = self.tokenizer("\n\n".join(docs), return_attention_mask=False, verbose=False)["input_ids"]
+        ids = self.tokenizer("\n\n".join(text_of(d) for d in docs), return_attention_mask=False, verbose=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
     def calibration_sequences(self) -> list[torch.Tensor]:
@@ -304,7 +326,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         if self._documents is None:
             groups = sourced_documents(self.corpus, "calibration", **self._options(self.corpus, self.paths))
             tok = self.tokenizer
-            sequences, labels = [], []
+            sequences, labels, masks = [], [], []
             for index, (name, docs) in enumerate(groups.items()):
                 order = list(range(len(docs)))
                 if self.sampling == "random":
@@ -317,12 +339,20 @@ class CalibrationDataModule(pl.LightningDataModule):
                     raise PrunekitError(f"calibration {what} has {len(docs)} documents, but num_samples={count} are "
                                         "needed; lower num_samples (0 = all) or set data.allow_fewer=true")
                 for i in order[:count]:
-                    ids = tok(docs[i], return_attention_mask=False, verbose=False)["input_ids"][: self.seq_len]
+                    doc = docs[i]
+                    ids = tok(text_of(doc), return_attention_mask=False, verbose=False)["input_ids"][: self.seq_len]
                     if not ids:
                         raise PrunekitError(f"calibration source {name!r} has a document with no tokens")
+                    mask = torch.ones(len(ids), dtype=torch.bool)
+                    mask[0] = False
+                    if not isinstance(doc, str):  # the loss is on the continuation (as lm-eval splits a request)
+                        context = len(tok(doc[0], return_attention_mask=False, verbose=False)["input_ids"])
+                        mask[: min(context, len(ids))] = False
                     sequences.append(torch.tensor(ids, dtype=torch.long))
                     labels.append(index)
+                    masks.append(mask)
             self._documents, self._labels, self._sources = sequences, labels, list(groups)
+            self._masks = masks
         return self._documents
 
     def calibration_sources(self) -> list[str] | None:
@@ -358,10 +388,44 @@ class CalibrationDataModule(pl.LightningDataModule):
     def _loader(self, windows: torch.Tensor) -> DataLoader:
         return DataLoader(TensorDataset(windows), batch_size=self.batch_size, shuffle=False)
 
+    def calibration_loss_masks(self) -> list[torch.Tensor]:
+        """Per calibration sequence, the tokens a loss is taken on (the gold continuation of a task example;
+        every token but the first otherwise)."""
+        if self.packing == "windows":
+            windows = self.calibration_windows()
+            mask = torch.ones(windows.shape[1], dtype=torch.bool)
+            mask[0] = False
+            return [mask] * windows.shape[0]
+        self.calibration_sequences()
+        return list(self._masks)
+
     def predict_dataloader(self) -> DataLoader:
+        """Calibration batches (dicts: ``input_ids``, ``index``, ``source``, ``loss_mask``)."""
         if self.packing == "documents":
-            return sequence_loader(self.calibration_sequences(), self.calibration_labels())
-        return self._loader(self.calibration_windows())
+            return sequence_loader(self.calibration_sequences(), self.calibration_labels(),
+                                   self.calibration_loss_masks())
+        windows = self.calibration_windows()
+        return DataLoader(_Examples(list(windows), None, self.calibration_loss_masks()), batch_size=self.batch_size,
+                          shuffle=False, collate_fn=_collate)
+
+    def fingerprint(self) -> str:
+        """sha256 of exactly what calibration reads: every sequence's tokens, source and loss mask."""
+        import hashlib
+
+        h = hashlib.sha256()
+        labels = self.calibration_labels() or [-1] * len(self.calibration_sequences())
+        h.update(repr(self.calibration_sources()).encode())
+        for ids, label, mask in zip(self.calibration_sequences(), labels, self.calibration_loss_masks()):
+            h.update(str(int(label)).encode())
+            h.update(ids.to(torch.int64).numpy().tobytes())
+            h.update(mask.numpy().tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """The calibration settings for records."""
+        return {"corpus": self.corpus, "num_samples": self.num_samples, "seq_len": self.seq_len,
+                "sampling": self.sampling, "seed": self.seed, "packing": self.packing,
+                "corpus_options": self.corpus_options or None, "allow_fewer": self.allow_fewer}
 
     def describe_calibration(self) -> str:
         """One line for reports: what calibration read."""
@@ -380,13 +444,41 @@ class CalibrationDataModule(pl.LightningDataModule):
         return self._loader(self.evaluation_windows())
 
 
-def sequence_loader(sequences: list[torch.Tensor], labels: list[int] | None = None) -> DataLoader:
-    """One 1-D token sequence per batch, in order, as ``(ids of shape (1, length),)`` or, with ``labels`` (the
-    source of each sequence), ``(ids, label of shape (1,))``: sequences of any lengths, no padding."""
-    if labels is None:
-        return DataLoader(sequences, batch_size=1, shuffle=False, collate_fn=lambda batch: (batch[0].unsqueeze(0),))
-    if len(labels) != len(sequences):
+class _Examples(torch.utils.data.Dataset):
+    """Calibration examples with their global index, source and loss mask (a distributed sampler splits them)."""
+
+    def __init__(self, sequences: list[torch.Tensor], labels: list[int] | None, masks: list[torch.Tensor] | None) -> None:
+        self.sequences, self.labels, self.masks = sequences, labels, masks
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.sequences[i]
+        mask = self.masks[i] if self.masks is not None else None
+        if mask is None:
+            mask = torch.ones(ids.shape[-1], dtype=torch.bool)
+            mask[0] = False
+        return {"input_ids": ids, "index": i, "source": self.labels[i] if self.labels is not None else -1,
+                "loss_mask": mask}
+
+
+def _collate(items: list[dict]) -> dict:
+    out = {"input_ids": torch.stack([it["input_ids"] for it in items]),
+           "index": torch.tensor([it["index"] for it in items]),
+           "loss_mask": torch.stack([it["loss_mask"] for it in items])}
+    sources = [it["source"] for it in items]
+    if any(src >= 0 for src in sources):
+        out["source"] = torch.tensor(sources)
+    return out
+
+
+def sequence_loader(sequences: list[torch.Tensor], labels: list[int] | None = None,
+                    masks: list[torch.Tensor] | None = None) -> DataLoader:
+    """One 1-D token sequence per batch, in order (sequences of any lengths, no padding), as batch dicts with
+    the example's index and, with ``labels``, its source; ``masks``: per sequence, its loss tokens."""
+    if labels is not None and len(labels) != len(sequences):
         raise PrunekitError(f"{len(labels)} labels for {len(sequences)} sequences")
-    pairs = list(zip(sequences, labels))
-    return DataLoader(pairs, batch_size=1, shuffle=False,
-                      collate_fn=lambda batch: (batch[0][0].unsqueeze(0), torch.tensor([batch[0][1]])))
+    if masks is not None and len(masks) != len(sequences):
+        raise PrunekitError(f"{len(masks)} loss masks for {len(sequences)} sequences")
+    return DataLoader(_Examples(sequences, labels, masks), batch_size=1, shuffle=False, collate_fn=_collate)

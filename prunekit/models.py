@@ -123,20 +123,28 @@ def load_config(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype: str = "float32"):
-    """Load a causal LM for pruning (eval mode, no gradient). Its family must have an adapter."""
+    """Load a causal LM for pruning or evaluation (eval mode, no gradient). Its family must have an adapter.
+
+    A folder prunekit wrote loads as its plan kind realizes it (``prunekit.load_pruned``): cut widths, an
+    installed runtime; for a plan set, the dense model its members share.
+    """
     from transformers import AutoModelForCausalLM
 
     from prunekit.arch import adapter_for
-
-    from prunekit.export import STRUCTURE_FILE, load_pruned
+    from prunekit.realize import load_pruned, plan_kind_of
 
     config = load_config(name_or_path)
     adapter_for(config)  # fail before loading weights if the family is unsupported
     location = resolve(name_or_path)
-    if (Path(location) / STRUCTURE_FILE).is_file():  # written by prunekit: may have per-layer widths
+    if plan_kind_of(location) not in (None, "plan_set", "weight_mask"):
         model = load_pruned(location, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise PrunekitError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+        except OSError as e:
+            raise PrunekitError(f"cannot load model {name_or_path!r}: {e}") from None
     model.eval()
     model.requires_grad_(False)
     return model

@@ -56,7 +56,7 @@ def get(name: str) -> type:
     strategies = available()
     if name not in strategies:
         names = ", ".join(strategies) or "(none: is prunekit installed?)"
-        raise PrunekitError(f"unknown strategy {name!r}; available strategies: {names}")
+        raise PrunekitError(f"unknown pruning method --strategy {name!r}; available strategies: {names} (Lightning's distributed engine is --trainer.strategy)")
     return strategies[name].load()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,8 +21,26 @@ Reducer = Callable[[torch.Tensor], torch.Tensor]  # all-reduce (sum) across proc
 Gatherer = Callable[[torch.Tensor], torch.Tensor]  # all-gather: (world, *shape), rank order
 
 
+def _local_gather_objects(obj: Any) -> list[Any]:
+    return [obj]
+
+
+@dataclass
+class Comm:
+    """How statistics talk to the other processes: all-reduce (sum), all-gather of tensors (rank order) and of
+    Python objects (rank order). ``Comm.local()`` is the one-process case."""
+
+    sum: Reducer
+    gather: Gatherer
+    gather_objects: Callable[[Any], list[Any]] = _local_gather_objects
+
+    @classmethod
+    def local(cls) -> "Comm":
+        return cls(lambda t: t, lambda t: t.unsqueeze(0), _local_gather_objects)
+
+
 class Statistic(ABC):
-    """Per-input-channel statistic of a linear layer's input, accumulated over tokens."""
+    """A float64 statistic of a tensor read during calibration, accumulated over tokens (or examples)."""
 
     def __init__(self, features: int) -> None:
         self.features = features
@@ -31,22 +51,30 @@ class Statistic(ABC):
         return x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
 
     @abstractmethod
-    def update(self, x: torch.Tensor) -> None:
-        """Add the tokens of an activation ``x`` of shape (..., features)."""
+    def update(self, x: torch.Tensor, batch: Any = None) -> None:
+        """Add the tokens of an activation ``x`` of shape (..., features); ``batch``: the calibration batch
+        (``prunekit.observe.Batch``), for statistics that need to know the examples."""
 
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The accumulated state (for reduction, saving and tests)."""
 
-    def reduce(self, reduce_sum: Reducer, gather: Gatherer) -> None:
+    def reduce(self, comm: Comm) -> None:
         """Combine the states of all processes in place (default: every state is a sum)."""
         for name, t in self.tensors().items():
-            t.copy_(reduce_sum(t))
+            t.copy_(comm.sum(t))
 
     def absorb(self, other: "Statistic") -> None:
         """Add another statistic's tokens to this one (default: every state is a sum)."""
         for mine, theirs in zip(self.tensors().values(), other.tensors().values()):
             mine += theirs
+
+    def combined(self, parts: list["Statistic"]) -> "Statistic":
+        """A new statistic holding the tokens of all ``parts`` (in order): per-source totals."""
+        total = type(self)(self.features)
+        for part in parts:
+            total.absorb(part)
+        return total
 
 
 class ChannelSumSq(Statistic):
@@ -56,7 +84,7 @@ class ChannelSumSq(Statistic):
         super().__init__(features)
         self.sumsq = torch.zeros(features, dtype=torch.float64)
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, batch: Any = None) -> None:
         rows = self._rows(x)
         self.sumsq += rows.square().sum(0)
         self.count += rows.shape[0]
@@ -76,7 +104,7 @@ class Hessian(Statistic):
         super().__init__(features)
         self.xtx = torch.zeros(features, features, dtype=torch.float64)
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, batch: Any = None) -> None:
         rows = self._rows(x)
         self.xtx.addmm_(rows.T, rows)
         self.count += rows.shape[0]
@@ -107,7 +135,7 @@ class ChannelMoments(Statistic):
         self.m2 += m2_b + delta.square() * (n_a * n_b / n)
         self.count.copy_(n)
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, batch: Any = None) -> None:
         rows = self._rows(x)
         n_b = torch.tensor(float(rows.shape[0]), dtype=torch.float64)
         if n_b == 0:
@@ -121,9 +149,9 @@ class ChannelMoments(Statistic):
     def absorb(self, other: "Statistic") -> None:
         self._merge(other.count.clone(), other.mean.clone(), other.m2.clone())
 
-    def reduce(self, reduce_sum: Reducer, gather: Gatherer) -> None:
+    def reduce(self, comm: Comm) -> None:
         # clone: a one-process "gather" may return views of the live state, which is zeroed next
-        counts, means, m2s = (gather(t).clone() for t in (self.count, self.mean, self.m2))
+        counts, means, m2s = (comm.gather(t).clone() for t in (self.count, self.mean, self.m2))
         self.count.zero_(), self.mean.zero_(), self.m2.zero_()
         for n_b, mean_b, m2_b in zip(counts, means, m2s):  # rank order: the same result on every rank
             self._merge(n_b, mean_b, m2_b)
@@ -131,6 +159,94 @@ class ChannelMoments(Statistic):
     def variance(self, unbiased: bool = False) -> torch.Tensor:
         denom = self.count - 1 if unbiased else self.count
         return self.m2 / denom.clamp(min=1)
+
+
+class Sum(Statistic):
+    """Σ of a per-token (or per-example) tensor of shape (..., *shape) over its leading dimensions, float64.
+
+    ``shape``: the trailing shape summed into (default ``(features,)``), e.g. ``(heads,)`` for a per-head
+    score; ``dims``: how many trailing dimensions belong to one item (default ``len(shape)``).
+    """
+
+    def __init__(self, features: int, shape: tuple[int, ...] | None = None) -> None:
+        super().__init__(features)
+        self.shape = tuple(shape) if shape is not None else (features,)
+        self.total = torch.zeros(self.shape, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, batch: Any = None) -> None:
+        rows = x.detach().reshape(-1, *self.shape).to(torch.float64)
+        self.total += rows.sum(0)
+        self.count += rows.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"total": self.total, "count": self.count}
+
+    def combined(self, parts: list["Statistic"]) -> "Statistic":
+        total = Sum(self.features, self.shape)
+        for part in parts:
+            total.absorb(part)
+        return total
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+class Records(Statistic):
+    """One value per calibration example (``x`` has a leading batch dimension matching the batch's examples),
+    kept in float64 and ordered by global example index, so the records of one process and of several agree.
+
+    After the reduction every process holds all records: ``index`` (examples,) and ``values`` (examples, ...).
+    """
+
+    def __init__(self, features: int = 0) -> None:
+        super().__init__(features)
+        self._items: list[tuple[int, torch.Tensor]] = []
+        self.index = torch.zeros(0, dtype=torch.long)
+        self.values = torch.zeros(0, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, batch: Any = None) -> None:
+        if batch is None:
+            raise PrunekitError("per-example records need the calibration batch (its example indices)")
+        x = x.detach().to(torch.float64)
+        if x.shape[0] != batch.size:
+            raise PrunekitError(f"a per-example record needs one row per example of the batch ({batch.size}), got "
+                                f"shape {tuple(x.shape)}: reduce over tokens in the observer's transform")
+        for i, row in zip(batch.index.tolist(), x):
+            self._items.append((int(i), row.cpu().clone()))
+        self.count += x.shape[0]
+        self._stack()
+
+    def _stack(self) -> None:
+        items = sorted(self._items, key=lambda item: item[0])
+        if len({i for i, _ in items}) != len(items):
+            raise PrunekitError("an example was recorded twice (the same index in two batches)")
+        self.index = torch.tensor([i for i, _ in items], dtype=torch.long)
+        self.values = torch.stack([v for _, v in items]) if items else torch.zeros(0, dtype=torch.float64)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"index": self.index, "values": self.values, "count": self.count}
+
+    def reduce(self, comm: Comm) -> None:
+        parts = comm.gather_objects(self._items)
+        self._items = [item for part in parts for item in part]
+        self.count.fill_(len(self._items))
+        self._stack()
+
+    def absorb(self, other: "Statistic") -> None:
+        self._items += list(other._items)
+        self.count += other.count
+        self._stack()
+
+    def combined(self, parts: list["Statistic"]) -> "Statistic":
+        total = Records(self.features)
+        for part in parts:
+            total.absorb(part)
+        return total
+
+    def load(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        self._items = list(zip(index.tolist(), values))
+        self.count.fill_(len(self._items))
+        self._stack()
 
 
 def check_finite(x: torch.Tensor, where: str) -> None:

@@ -4,7 +4,7 @@ A structured method scores the *input dimensions of the consumer projections*: o
 query head) for attention, down_proj's (fc2's) inputs for MLP channels. This base turns those per-dimension
 scores into head and channel scores, spreads the global ratio over layers (``prunekit.allocation``),
 optionally compensates the removed channels' mean contribution with a bias (FLAP), and cuts the model
-physically (``prunekit.surgery``).
+physically (a ``UnitCut`` plan, realized by ``prunekit.realize.cuts``).
 
 ``sparsity`` is the requested fraction of attention+MLP weights to remove (of the kinds being pruned: with
 ``prune_heads=False`` it is the fraction of MLP channels). With uniform/logistic allocation every prunable
@@ -30,9 +30,10 @@ import torch
 from prunekit import allocation as alloc
 from prunekit.arch import LinearRef, adapter_for
 from prunekit.errors import PrunekitError
+from prunekit.plans import LayerCut, UnitCut
 from prunekit.stats import ChannelMoments, Statistic
 from prunekit.strategy import PruningStrategy
-from prunekit.surgery import CONSUMERS, PRODUCERS, attention_heads, remove_units
+from prunekit.surgery import CONSUMERS, PRODUCERS, attention_heads
 
 Allocation = Literal["uniform", "logistic", "adaptive"]
 
@@ -76,12 +77,11 @@ class StructuredStrategy(PruningStrategy):
         bias_compensation: bool = False,
         mode: Literal["sequential", "all-at-once"] = "all-at-once",
         layers: list[int] | None = None,
-        keep_statistics: bool = False,
     ) -> None:
         if not (prune_heads or prune_channels):
             raise PrunekitError("prune_heads and prune_channels are both false: nothing to prune")
         modules = (["o"] if prune_heads else []) + (list(CONSUMERS) if prune_channels else [])
-        super().__init__(sparsity=sparsity, mode=mode, modules=modules, layers=layers, keep_statistics=keep_statistics)
+        super().__init__(sparsity=sparsity, mode=mode, modules=modules, layers=layers)
         self.allocation = allocation or self.default_allocation
         if self.allocation not in ("uniform", "logistic", "adaptive"):
             raise PrunekitError(f"allocation must be uniform, logistic or adaptive, got {self.allocation!r}")
@@ -99,13 +99,21 @@ class StructuredStrategy(PruningStrategy):
         if bias_compensation:
             stats.setdefault("moments", ChannelMoments)
         self.statistics = stats
-        self.removed: dict[int, dict[str, list[int]]] = {}
 
     def describe(self) -> dict:
         return {**super().describe(), "allocation": self.allocation, "head_unit": self.head_unit,
                 "keep_first": self.keep_first, "keep_last": self.keep_last, "meet_ratio": self.meet_ratio,
                 "allow_empty": self.allow_empty,
                 "bias_compensation": self.bias_compensation}
+
+    def label(self) -> str:
+        return f"{self.name} ({self.sparsity:.0%}, {self.allocation}, {self.pipeline})"
+
+    def check(self, model) -> None:
+        """The targets exist and the layer schedule can meet the ratio — before any calibration."""
+        super().check(model)
+        if self.allocation != "adaptive":
+            self._layer_ratios(model)
 
     def targets(self, model) -> list[LinearRef]:
         """The consumer projections; also refuse, before any calibration, a head unit the model cannot use."""
@@ -138,11 +146,26 @@ class StructuredStrategy(PruningStrategy):
         n = len(adapter_for(model).layers(model))
         return self.keep_first <= layer < n - self.keep_last
 
-    def prune_refs(self, pl_module, refs: list[LinearRef], stats: dict[str, dict[str, Statistic]]) -> None:
-        model = pl_module.model
+    def decide(self, model, observed, layer: int | None, context) -> UnitCut:
+        """The heads and channels to remove (of every layer, or of ``layer`` on the sequential pipeline), and the
+        bias compensation of what they contributed."""
+        refs = [r for r in self.targets(model) if layer is None or r.layer == layer]
+        return self.unit_cut(model, refs, observed, self.plan(model, refs, observed))
+
+    def unit_cut(self, model, refs: list[LinearRef], observed, drops: dict[int, tuple[list[int], list[int]]]) -> UnitCut:
+        """A ``UnitCut`` from per-layer (heads, channels) to remove, with bias compensation if enabled."""
         by_layer = _by_layer(refs)
-        for layer, (drop_heads, drop_channels) in sorted(self.plan(model, refs, stats).items()):
-            self._cut(model, layer, by_layer[layer], stats, drop_heads, drop_channels)
+        bias: dict[str, torch.Tensor] = {}
+        if self.bias_compensation:
+            _, _, d = adapter_for(model).attention_shape(model.config)
+            for layer, (heads, channels) in sorted(drops.items()):
+                bias.update(self.compensation(by_layer.get(layer, {}), observed, heads, channels, d))
+        return UnitCut({layer: LayerCut(h, c) for layer, (h, c) in sorted(drops.items())}, bias, self.allow_empty)
+
+    def compensation(self, refs: dict[str, LinearRef], observed, heads: list[int], channels: list[int],
+                     head_dim: int) -> dict[str, torch.Tensor]:
+        """FLAP's baseline: what the removed inputs contributed on average, per consumer projection."""
+        return compensation(refs, observed, heads, channels, head_dim)
 
     def plan(self, model, refs: list[LinearRef], stats: dict[str, dict[str, Statistic]]) -> dict[int, tuple[list[int], list[int]]]:
         """Per layer, the query heads and MLP channels to remove (nothing is changed yet)."""
@@ -253,15 +276,6 @@ class StructuredStrategy(PruningStrategy):
             return [[h] for h in range(n_q)], z.mean(1)
         return [list(range(g * group, (g + 1) * group)) for g in range(n_kv)], z.view(n_kv, -1).mean(1)
 
-    def _cut(self, model, layer: int, refs: dict[str, LinearRef], stats, drop_heads: list[int], drop_channels: list[int]):
-        if self.bias_compensation:
-            _, _, d = adapter_for(model).attention_shape(model.config)
-            for name, delta in compensation(refs, stats, drop_heads, drop_channels, d).items():
-                add_bias(next(r for r in refs.values() if r.name == name), delta)
-        remove_units(model, layer, drop_heads, drop_channels, self.allow_empty)
-        self.removed[layer] = {"heads": drop_heads, "channels": drop_channels}
-
-
 
 def compensation(refs: dict[str, LinearRef], stats, drop_heads: list[int], drop_channels: list[int], head_dim: int,
                  moments: str = "moments") -> dict[str, torch.Tensor]:
@@ -276,14 +290,6 @@ def compensation(refs: dict[str, LinearRef], stats, drop_heads: list[int], drop_
             mean = stats[ref.name][moments].mean
             out[ref.name] = (ref.weight.to(torch.float64)[:, idx] @ mean[idx]).to(ref.module.weight.dtype)
     return out
-
-
-def add_bias(ref: LinearRef, delta: torch.Tensor) -> None:
-    """bias += delta (a bias is created where there was none)."""
-    module = ref.module
-    if getattr(module, "bias", None) is None:
-        module.bias = torch.nn.Parameter(torch.zeros(ref.out_features, dtype=module.weight.dtype), requires_grad=False)
-    module.bias.data += delta.to(module.bias.dtype)
 
 
 def _by_layer(refs: list[LinearRef]) -> dict[int, dict[str, LinearRef]]:

@@ -209,6 +209,14 @@ def remove_units(model: nn.Module, layer: int, drop_heads: list[int], drop_chann
         cut_attention_heads(model, layer, sorted(set(range(n_q)) - set(drop_heads)), allow_empty)
 
 
+def add_bias(ref, delta: torch.Tensor) -> None:
+    """bias += delta for a projection (``prunekit.arch.LinearRef``); a bias is created where there was none."""
+    module = ref.module
+    if getattr(module, "bias", None) is None:
+        module.bias = nn.Parameter(torch.zeros(ref.out_features, dtype=module.weight.dtype), requires_grad=False)
+    module.bias.data += delta.to(module.bias.dtype)
+
+
 def structure(model: nn.Module) -> list[dict]:
     """Per decoder layer: MLP channels, query heads, KV heads, and which consumers carry an added bias."""
     out = []

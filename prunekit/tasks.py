@@ -252,24 +252,40 @@ def prompts(task: str, split: str = "calibration", answered: bool = True) -> lis
     (the gold choice's text, or GSM8K's worked solution). Calibration text for task-specific methods (SEAP)
     and activation profiles; ``split="calibration"`` never shares a document with what is scored.
     """
-    obj = task_object(task)
-    if split not in obj.dataset:
-        raise PrunekitError(f"task {task!r} has no split {split!r}; splits: {', '.join(obj.dataset)}")
-    docs = obj.dataset[split]
-    if obj.config.process_docs is not None:
-        docs = obj.config.process_docs(docs)
-    out = []
-    for doc in docs:
-        if not answered:
+    if not answered:
+        obj = task_object(task)
+        out = []
+        for doc in _docs(obj, task, split):
             context = obj.fewshot_context(doc, 0)
             out.append(context[obj.doc_to_text(doc)] if isinstance(context, list) else context)
-            continue
+        return out
+    return [context + continuation for context, continuation in prompt_pairs(task, split)]
+
+
+def prompt_pairs(task: str, split: str = "calibration") -> list[tuple[str, str]]:
+    """The answered documents of ``split`` as (context, gold continuation), split as lm-eval scores them: the
+    context ends before the target delimiter, which starts the continuation (``context + continuation`` is
+    exactly what :func:`prompts` returns). The gradient pipeline takes its loss on the continuation only."""
+    obj = task_object(task)
+    out = []
+    for doc in _docs(obj, task, split):
         q = obj.doc_to_text(doc)
         c = obj.doc_to_choice(doc) if obj.config.doc_to_choice else None
         a = obj.doc_to_target(doc)
         if obj.multiple_input:  # WinoGrande: the text is the gold choice's context, the target its continuation
             q, c = c[q], None
         description = obj.resolve_field(doc, obj.config.description) or ""
-        turn = obj.build_qa_turn(q=q, c=c, a=a, tgt_delim=obj.config.target_delimiter, few_delim="")
-        out.append(description + "".join(m.to_text() for m in turn))
+        user, answer = obj.build_qa_turn(q=q, c=c, a=a, tgt_delim=obj.config.target_delimiter, few_delim="")
+        text, target = description + user.to_text(), answer.to_text()
+        stripped = text.rstrip()  # lm-eval moves the context's trailing whitespace into the continuation
+        out.append((stripped, text[len(stripped):] + target))
     return out
+
+
+def _docs(obj, task: str, split: str):
+    if split not in obj.dataset:
+        raise PrunekitError(f"task {task!r} has no split {split!r}; splits: {', '.join(obj.dataset)}")
+    docs = obj.dataset[split]
+    if obj.config.process_docs is not None:
+        docs = obj.config.process_docs(docs)
+    return docs

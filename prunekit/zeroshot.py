@@ -86,18 +86,26 @@ def _average(tasks: dict, groups: dict, requested: list[str]) -> dict:
     return average
 
 
-def evaluate_routed(routed, tokenizer, tasks: list[str] | str, **kwargs) -> dict:
-    """``evaluate_tasks`` on a ``TaskRoutedModel``: each requested task (or group) with its own expert.
+def evaluate_realized(realized, tokenizer, tasks: list[str] | str, **kwargs) -> dict:
+    """``evaluate_tasks`` on whatever a folder realizes: one model, or a plan set whose members each answer
+    the tasks they serve (their own, or their lm-eval group's).
 
-    The expert is chosen by the task's name (oracle routing: the evaluation knows which task it runs), as the
-    SEAP paper evaluates its experts. Returns the same summary as ``evaluate_tasks`` plus ``experts``
-    ({task: expert}); ``raw`` holds lm-eval's output per task.
+    For a plan set the member is chosen by the task's name (oracle routing: the evaluation knows which task
+    it runs), as the SEAP paper evaluates its experts. Returns ``evaluate_tasks``' summary; for a plan set
+    also ``members`` ({task: member}) and ``raw`` per task.
     """
+    from prunekit.realize.base import of
+
+    realizer = of(realized)
     names = [t for t in expand(tasks) if t != "perplexity"]
-    experts = {name: routed.expert_for(name) for name in names}  # every task has an expert before any work
-    merged = {"tasks": {}, "groups": {}, "config": {"num_fewshot": {}, "versions": {}}, "raw": {}, "experts": experts}
+    members = {name: realizer.member_for_task(realized, name) for name in names}  # all served before any work
+    if set(members.values()) == {""}:
+        model, _ = realizer.model_for_task(realized, names[0]) if names else (realized, "")
+        return evaluate_tasks(model, tokenizer, names, **kwargs)
+    merged = {"tasks": {}, "groups": {}, "config": {"num_fewshot": {}, "versions": {}}, "raw": {}, "members": members}
     for name in names:
-        part = evaluate_tasks(routed.model_for(experts[name]), tokenizer, [name], **kwargs)
+        model, _ = realizer.model_for_task(realized, name)
+        part = evaluate_tasks(model, tokenizer, [name], **kwargs)
         merged["tasks"].update(part["tasks"])
         merged["groups"].update(part["groups"])
         for key in ("num_fewshot", "versions"):

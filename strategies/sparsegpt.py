@@ -103,7 +103,7 @@ class SparseGPT(PruningStrategy):
             )
         self.blocksize, self.percdamp = blocksize, percdamp
 
-    def prune_linear(self, ref: LinearRef, stats: dict[str, Statistic]) -> torch.Tensor:
+    def prune_linear(self, ref: LinearRef, stats: dict[str, Statistic]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask and the reconstructed weight (a ``WeightMask`` plan carries both)."""
         W, mask = fasterprune(ref.weight, stats["hessian"].xtx, self.sparsity, self.nm, self.blocksize, self.percdamp)
-        ref.set_weight(W)
-        return mask
+        return mask, W.to(ref.weight.dtype)

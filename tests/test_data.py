@@ -155,7 +155,8 @@ def test_text_corpus_reads_txt_files(tiny_llama, tmp_path):
     assert windows.shape == (3, 16)
     assert windows.flatten().tolist() == ids[:48]
     batches = list(dm.predict_dataloader())
-    assert torch.equal(torch.cat([b[0] for b in batches]), windows)
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), windows)
+    assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2]
 
 
 def test_text_corpus_reads_jsonl_with_text_field(tiny_llama, tmp_path):
@@ -233,7 +234,7 @@ def test_documents_packing_one_sequence_per_document(tiny_llama, tmp_path):
     expected = [f[:cut] for f in full]
     assert [s.tolist() for s in seqs] == expected  # every document, in order, truncated to seq_len
     assert len({len(s) for s in seqs}) == 3 and max(len(s) for s in seqs) == cut
-    batches = [b[0] for b in dm.predict_dataloader()]
+    batches = [b["input_ids"] for b in dm.predict_dataloader()]
     assert [b.shape for b in batches] == [(1, len(s)) for s in seqs]
     assert "5 documents" in dm.describe_calibration()
 
@@ -253,12 +254,16 @@ def test_documents_packing_one_sequence_per_document(tiny_llama, tmp_path):
 
 
 def test_task_corpus_serves_rendered_task_examples(tiny_llama):
-    from prunekit.tasks import prompts
+    from prunekit.data import text_of
+    from prunekit.tasks import prompt_pairs, prompts
 
-    assert documents("task", "calibration", tasks="copa") == prompts("copa")
-    assert documents("task", "evaluation", tasks=["copa"]) == prompts("copa", "evaluation")
+    pairs = documents("task", "calibration", tasks="copa")
+    assert pairs == prompt_pairs("copa") and [text_of(d) for d in pairs] == prompts("copa")
+    assert [text_of(d) for d in documents("task", "evaluation", tasks=["copa"])] == prompts("copa", "evaluation")
     both = documents("task", "calibration", tasks=["copa", "winogrande"])
-    assert both == prompts("copa") + prompts("winogrande")
+    assert [text_of(d) for d in both] == prompts("copa") + prompts("winogrande")
+    bare = documents("task", "calibration", tasks="copa", answered=False)
+    assert bare == prompts("copa", answered=False)
     with pytest.raises(PrunekitError, match="corpus 'task' needs tasks"):
         documents("task", "calibration")
     from prunekit.data import GENERAL_MIN_CHARS, sourced_documents
@@ -267,7 +272,7 @@ def test_task_corpus_serves_rendered_task_examples(tiny_llama):
 
     groups = sourced_documents("task", "calibration", tasks=["copa", "mmlu_stem"], general="wiki")
     assert list(groups) == ["copa", "mmlu_stem", "wiki"]  # an lm-eval group is one source of all its subjects
-    assert groups["mmlu_stem"] == [t for task in leaf_tasks("mmlu_stem") for t in prompts(task)]
+    assert [text_of(d) for d in groups["mmlu_stem"]] == [t for task in leaf_tasks("mmlu_stem") for t in prompts(task)]
     assert len(groups["wiki"]) == 3970 and min(len(p) for p in groups["wiki"]) >= GENERAL_MIN_CHARS
     assert all(p in documents("wiki", "calibration")[0] for p in groups["wiki"][:3])  # paragraphs of the articles
     with pytest.raises(PrunekitError, match="would repeat a task source"):
@@ -275,6 +280,14 @@ def test_task_corpus_serves_rendered_task_examples(tiny_llama):
     dm = CalibrationDataModule(str(tiny_llama), corpus="task", corpus_options={"tasks": ["copa"]},
                                packing="documents", num_samples=0, seq_len=128)
     assert len(dm.calibration_sequences()) == len(prompts("copa")) == 12
+    # the loss mask of an answered example marks its gold continuation: the tokens after the context's
+    tok = dm.tokenizer
+    for ids, mask, (context, continuation) in zip(dm.calibration_sequences(), dm.calibration_loss_masks(), pairs):
+        assert ids.tolist() == tok(context + continuation)["input_ids"][:128]
+        start = len(tok(context)["input_ids"])
+        assert not mask[:start].any() and mask[start:].all() and mask.numel() > start
+    batch = next(iter(dm.predict_dataloader()))
+    assert set(batch) == {"input_ids", "index", "source", "loss_mask"} and batch["loss_mask"].shape == batch["input_ids"].shape
 
 
 def test_allow_fewer_gives_a_short_source_all_it_has(tiny_llama):

@@ -83,18 +83,19 @@ def test_seap_per_task_statistics_and_experts_two_processes_equal_one(tiny_llama
                 "--strategy.allocation", "uniform", "--strategy.sparsity", "0.3", "--save_statistics", "true",
                 "--data.corpus", "task", "--data.corpus_options", "{tasks: [copa, winogrande]}",
                 "--data.packing", "documents", "--data.num_samples", "5", "--data.seq_len", "48",
-                "--data.eval_samples", "2", "--router", "false", "--output_dir", str(out)]
+                "--data.eval_samples", "2", "--strategy.router", "false", "--output_dir", str(out)]
         if processes > 1:
             args += ["--trainer.strategy", "ddp", "--trainer.devices", str(processes)]
         r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
         outs[processes] = out
-    plans = [json.loads((outs[p] / "prunekit_experts.json").read_text())["experts"] for p in (1, 2)]
+    plans = [json.loads((outs[p] / "prunekit_plans.json").read_text())["members"] for p in (1, 2)]
     assert plans[0] == plans[1] and set(plans[0]) == {"copa", "winogrande"}
     m = [json.loads((outs[p] / "metrics.json").read_text()) for p in (1, 2)]
     for task in ("copa", "winogrande"):
-        assert m[1]["experts"][task]["perplexity"] == pytest.approx(m[0]["experts"][task]["perplexity"], rel=1e-5)
+        assert m[1]["pruned"]["members"][task]["perplexity"] == \
+            pytest.approx(m[0]["pruned"]["members"][task]["perplexity"], rel=1e-5)
     s1, s2 = (load_file(str(outs[p] / "statistics.safetensors")) for p in (1, 2))
     assert s1.keys() == s2.keys() and any("moments@copa" in k for k in s1)
     for key in s1:

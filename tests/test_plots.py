@@ -17,9 +17,9 @@ def test_metric_vs_ratio_draws_one_line_per_method(tmp_path):
 
 
 def test_layer_profile_structured_and_unstructured(tmp_path):
-    structured = {"model": "m", "strategy": "flap", "structure": [{"mlp_channels": 64, "heads": 2}] * 3,
+    structured = {"model": "m", "strategy": "flap", "pruned": {"structure": [{"mlp_channels": 64, "heads": 2}] * 3},
                   "dense_structure": [{"mlp_channels": 128, "heads": 4}] * 3}
-    unstructured = {"model": "m", "strategy": "wanda", "per_layer_sparsity": {"0": 0.5, "1": 0.5}}
+    unstructured = {"model": "m", "strategy": "wanda", "pruned": {"per_layer_sparsity": {"0": 0.5, "1": 0.5}}}
     for name, result in (("s", structured), ("u", unstructured)):
         image = matplotlib.image.imread(layer_profile(result, tmp_path / f"{name}.png"))
         assert image.std() > 0

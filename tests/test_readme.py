@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
+from prunekit.api import prune
 from prunekit.module import PrunableLM
 
 README = Path(__file__).parents[1] / "README.md"
@@ -32,9 +32,7 @@ def test_readme_strategy_example(tiny_llama):
             return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(windows), batch_size=2)
 
     strategy = ActNorm(sparsity=0.25, mode="all-at-once")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, inference_mode=False, callbacks=[strategy])
-    strategy.run(trainer, module, Data())
+    prune(strategy, module, Data())
     q = module.model.model.layers[0].self_attn.q_proj.weight
     zero_cols = (q == 0).all(0)
     assert zero_cols.sum().item() == int(q.shape[1] * 0.25)  # whole low-norm input columns pruned

@@ -11,7 +11,8 @@ import torch
 
 from prunekit.cli import main
 from prunekit.data import CalibrationDataModule
-from prunekit.evaluate import perplexity, sparsity_report, summarize_sparsity
+from prunekit.api import prune
+from prunekit.evaluate import perplexity, sparsity_rows, summarize_sparsity
 from prunekit.module import PrunableLM
 from prunekit.strategies.magnitude import Magnitude
 from prunekit.strategies.sparsegpt import SparseGPT
@@ -42,16 +43,15 @@ def _trainer(strategy=None) -> pl.Trainer:
 def _prune(lm, dm, strategy) -> float:
     module, dense = lm
     module.model.load_state_dict(dense)
-    trainer = _trainer(strategy)
-    strategy.run(trainer, module, dm)
-    assert summarize_sparsity(sparsity_report(module.model))["sparsity_linear"] == pytest.approx(0.5, abs=2e-3)
-    return perplexity(trainer, module, dm)
+    prune(strategy, module, dm)
+    assert summarize_sparsity(sparsity_rows(module.model))["sparsity_linear"] == pytest.approx(0.5, abs=2e-3)
+    return perplexity(_trainer(), module.model, dm)
 
 
 @pytest.fixture(scope="module")
 def results(lm, dm):
     module, dense = lm
-    out = {"dense": perplexity(_trainer(), module, dm)}
+    out = {"dense": perplexity(_trainer(), module.model, dm)}
     out["magnitude"] = _prune(lm, dm, Magnitude(sparsity=0.5))
     out["wanda"] = _prune(lm, dm, Wanda(sparsity=0.5))
     out["wanda_all_at_once"] = _prune(lm, dm, Wanda(sparsity=0.5, mode="all-at-once"))

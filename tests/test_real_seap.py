@@ -17,7 +17,7 @@ MODEL = "smollm2-135m"
 def test_router_beats_chance_by_a_wide_margin():
     """Seven tasks (chance 0.14): trained on 100 calibration prompts each, scored on 100 held-out ones each."""
     from prunekit.models import load_model, load_tokenizer
-    from prunekit.router import train_router
+    from prunekit.strategies.seap.router import train_router
 
     model, tokenizer = load_model(MODEL), load_tokenizer(MODEL)
     _, report = train_router(model, tokenizer, GROUPS["seap7"], per_task=100, held_out=100, enable_progress_bar=False)
@@ -46,8 +46,8 @@ def test_seap_experts_not_below_wanda_sp_at_20_percent(tmp_path, monkeypatch):
     assert main(["prune", "--model", MODEL, "--strategy", "seap", "--strategy.tasks", "[all]", *common,
                  "--data.corpus", "task", "--data.corpus_options", f"{{tasks: [{', '.join(SIGNAL)}]}}",
                  "--data.packing", "documents", "--data.sampling", "random", "--data.num_samples", "48",
-                 "--router", "false", "--output_dir", "seap"]) == 0
-    experts = json.loads((tmp_path / "seap" / "metrics.json").read_text())["experts"]
+                 "--strategy.router", "false", "--output_dir", "seap"]) == 0
+    experts = json.loads((tmp_path / "seap" / "metrics.json").read_text())["pruned"]["members"]
     for task, row in experts.items():  # logistic schedule: the first and last two layers untouched, ratio met
         widths = row["structure"]
         assert [l["mlp_channels"] for l in (widths[0], widths[1], widths[-2], widths[-1])] == [1536] * 4, task

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from prunekit.data import CalibrationDataModule
-from prunekit.evaluate import linear_counts, perplexity
-from prunekit.export import save_pruned
+from prunekit.api import default_trainer, prune
+from prunekit.evaluate import linear_totals, perplexity
+from prunekit.realize.cuts import save_cut
 from prunekit.module import PrunableLM
 from prunekit.strategies.flap import FLAP
 from prunekit.strategies.wanda_sp import WandaSP
@@ -28,10 +28,12 @@ def dm():
 
 def _prune(strategy, dm):
     module = PrunableLM(MODEL)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, inference_mode=False, callbacks=[strategy])
-    strategy.run(trainer, module, dm)
-    return module, perplexity(trainer, module, dm)
+    prune(strategy, module, dm)
+    return module, perplexity(default_trainer(), module.model, dm)
+
+
+def linear_counts(model) -> tuple[int, int]:
+    return linear_totals(model)["linear"], 0
 
 
 def test_flap_bias_compensation_lowers_perplexity(dm):
@@ -68,10 +70,10 @@ def test_flap_and_wanda_sp_reload_in_a_fresh_process_with_identical_logits(dm, t
         requested = float(name.rsplit("-", 1)[1]) / 100
         assert requested - 0.01 < removed <= requested + 0.005
         if name.startswith("wanda-sp"):  # uniform widths: plain transformers loading works too
-            assert save_pruned(module.model, tmp_path / name, dm.tokenizer)
+            assert save_cut(module.model, tmp_path / name, dm.tokenizer)["plain"]
             plain.append(name)
-        else:
-            save_pruned(module.model, tmp_path / name, dm.tokenizer)
+        else:  # adaptive allocation: per-layer widths, and the folder says why plain loading cannot work
+            assert "differ in" in save_cut(module.model, tmp_path / name, dm.tokenizer)["note"]
         with torch.no_grad():
             expected[name] = module.model(ids).logits
         del module

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
+from prunekit.api import prune
 from prunekit.cli import main
 from prunekit.data import sequence_loader
 from prunekit.errors import PrunekitError
 from prunekit.module import PrunableLM
+from prunekit.plans import LayerCut, PlanSet, UnitCut
+from prunekit.realize.routed import RoutedModel
 from prunekit.strategies.seap import SEAP, SEAPGen, wifv
 
 G = torch.Generator().manual_seed(0)
@@ -35,10 +37,16 @@ class _Sourced:
 
 
 def _run(folder, strategy, groups) -> PrunableLM:
+    """Calibrate, decide and realize through the public API. The strategy object gets, for the checks below,
+    ``removed`` ({layer: {"heads", "channels"}} of a unit cut), ``plan`` and ``statistics_`` (every observed
+    statistic per linear name, as ``"<stat>.<field>"``)."""
     module = PrunableLM(str(folder))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, inference_mode=False, callbacks=[strategy])
-    strategy.run(trainer, module, _Sourced(groups))
+    out = prune(strategy, module, _Sourced(groups))
+    strategy.plan = out.plan
+    if isinstance(out.plan, UnitCut):
+        strategy.removed = {i: {"heads": c.heads, "channels": c.channels} for i, c in out.plan.cuts.items()}
+    strategy.statistics_ = {name: {f"{k}.{f}": v for k, stat in group.items() for f, v in stat.tensors().items()}
+                            for name, group in out.calibration.observed().items()}
     return module
 
 
@@ -47,7 +55,7 @@ OPTS = {"allocation": "uniform", "sparsity": 0.25}
 
 def test_statistics_per_task_equal_a_direct_computation(tiny_llama):
     """One pass over the mixed corpus; each task's o_proj/down_proj input moments equal torch on its tokens."""
-    strategy = SEAP(task="A", keep_statistics=True, **OPTS)
+    strategy = SEAP(task="A", **OPTS)
     _run(tiny_llama, strategy, {"A": TASK_A, "B": TASK_B})
     dense = PrunableLM(str(tiny_llama)).model
     captured: dict[str, list[torch.Tensor]] = {}
@@ -95,7 +103,7 @@ def test_seap_gen_is_the_weighted_sum_of_task_scores(tiny_llama):
     assert only_a.removed == expert.removed
 
     # channels only, so each layer removes int(0.25 * width) channels: check them against the formula
-    gen = SEAPGen(weights={"A": 2.0, "*": 3.0}, prune_heads=False, keep_statistics=True, **OPTS)
+    gen = SEAPGen(weights={"A": 2.0, "*": 3.0}, prune_heads=False, **OPTS)
     _run(tiny_llama, gen, {"A": TASK_A, "B": TASK_B})
     dense = PrunableLM(str(tiny_llama)).model
     for i, layer in enumerate(dense.model.layers):
@@ -130,11 +138,11 @@ def test_seap_needs_sourced_calibration_data(tiny_llama):
         def calibration_sources(self):
             return None
 
-    module = PrunableLM(str(tiny_llama))
-    strategy = SEAP(**OPTS)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[strategy])
+        def predict_dataloader(self):
+            return sequence_loader(TASK_A)
+
     with pytest.raises(PrunekitError, match="--data.packing documents"):
-        strategy.run(trainer, module, Windows())
+        prune(SEAP(**OPTS), str(tiny_llama), Windows())
     with pytest.raises(PrunekitError, match="seap-gen combines every source"):
         SEAPGen(task="A")
     with pytest.raises(PrunekitError, match=">= 0"):
@@ -161,35 +169,35 @@ def test_prune_cli_with_task_corpus(tiny_llama, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- experts and the task-routed model
 @pytest.mark.parametrize("compensate", [False, True])
 def test_expert_plans_build_exactly_the_in_place_experts(tiny_llama, compensate):
-    from prunekit.routing import TaskRoutedModel
-
     groups = {"A": TASK_A, "B": TASK_B}
     multi = SEAP(tasks=["all"], bias_compensation=compensate, **OPTS)
     module = _run(tiny_llama, multi, groups)
-    assert sorted(multi.experts_) == ["A", "B"]
+    assert isinstance(multi.plan, PlanSet) and sorted(multi.plan.plans) == ["A", "B"]
     dense_state = {k: v.clone() for k, v in PrunableLM(str(tiny_llama)).model.state_dict().items()}
     for k, v in module.model.state_dict().items():  # the model stays dense
         assert torch.equal(v, dense_state[k]), k
-    routed = TaskRoutedModel(module.model, {t: e["plan"] for t, e in multi.experts_.items()},
-                             {t: e["bias"] for t, e in multi.experts_.items()})
+    routed = RoutedModel(module.model, multi.plan)
     ids = TASK_A[1][None]
     for task in ("A", "B"):
         single = SEAP(task=task, bias_compensation=compensate, **OPTS)
         expected = _run(tiny_llama, single, groups).model
-        assert {layer: (h, c) for layer, (h, c) in multi.experts_[task]["plan"].items() if h or c} == \
-               {layer: (r["heads"], r["channels"]) for layer, r in single.removed.items() if r["heads"] or r["channels"]}
+        assert {i: (c.heads, c.channels) for i, c in multi.plan.plans[task].cuts.items() if c} == \
+               {i: (r["heads"], r["channels"]) for i, r in single.removed.items() if r["heads"] or r["channels"]}
+        assert multi.plan.plans[task].bias.keys() == single.plan.bias.keys()
         with torch.no_grad():
             torch.testing.assert_close(routed.model_for(task)(input_ids=ids).logits, expected(input_ids=ids).logits,
                                        rtol=0, atol=1e-5)
 
 
-def test_routed_model_shares_untouched_modules_and_bounds_its_cache(tiny_llama, tmp_path):
-    from prunekit.routing import TaskRoutedModel
+def _cuts(spec: dict) -> PlanSet:
+    return PlanSet({name: UnitCut({i: LayerCut(h, c) for i, (h, c) in layers.items()}) for name, layers in spec.items()})
 
+
+def test_routed_model_shares_untouched_modules_and_bounds_its_cache(tiny_llama, tmp_path):
     dense = PrunableLM(str(tiny_llama)).model
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    plans = {"a": {1: ([0, 1], [3, 4, 5])}, "b": {0: ([], [0])}, "c": {2: ([2, 3], [])}}
-    routed = TaskRoutedModel(dense, plans, max_cached=2)
+    routed = RoutedModel(dense, _cuts({"a": {1: ([0, 1], [3, 4, 5])}, "b": {0: ([], [0])}, "c": {2: ([2, 3], [])}}),
+                         max_cached=2)
     a = routed.model_for("a")
     assert a.model.embed_tokens is dense.model.embed_tokens and a.lm_head is dense.lm_head
     assert a.model.layers[0] is dense.model.layers[0] and a.model.layers[1] is not dense.model.layers[1]
@@ -199,29 +207,31 @@ def test_routed_model_shares_untouched_modules_and_bounds_its_cache(tiny_llama, 
     assert list(routed._cache) == ["b", "c"]  # "a" was least recently used
     for k, v in dense.state_dict().items():
         assert torch.equal(v, before[k]), k  # building experts never touches the dense weights
-    with pytest.raises(PrunekitError, match="no expert for task 'd'"):
+    with pytest.raises(PrunekitError, match="no member 'd'"):
         routed.model_for("d")
     with pytest.raises(PrunekitError, match="has no router"):
         routed.route("hello")
 
 
 def test_routed_model_round_trips_through_a_folder(tiny_llama, tmp_path):
+    import prunekit
     from prunekit.models import load_tokenizer
-    from prunekit.routing import TaskRoutedModel
+    from prunekit.realize import realizer_for
 
     dense = PrunableLM(str(tiny_llama)).model
-    bias = {"a": {"model.layers.1.mlp.down_proj": torch.randn(dense.config.hidden_size)}}
-    routed = TaskRoutedModel(dense, {"a": {1: ([0, 1], [3, 4, 5])}, "b": {2: ([], [7])}}, bias,
-                             tokenizer=load_tokenizer(str(tiny_llama)), meta={"strategy": "seap"})
-    routed.save(tmp_path / "r")
-    back = TaskRoutedModel.load(tmp_path / "r")
-    assert back.tasks == ["a", "b"] and back.meta == {"strategy": "seap"}
+    plans = _cuts({"a": {1: ([0, 1], [3, 4, 5])}, "b": {2: ([], [7])}})
+    plans.plans["a"].bias = {"model.layers.1.mlp.down_proj": torch.randn(dense.config.hidden_size)}
+    routed = realizer_for(plans).apply(dense, plans, tokenizer=load_tokenizer(str(tiny_llama)))
+    (tmp_path / "r").mkdir()
+    realizer_for(plans).save(routed, tmp_path / "r")
+    back = prunekit.load_pruned(tmp_path / "r")
+    assert isinstance(back, RoutedModel) and back.names == ["a", "b"]
     ids = TASK_A[0][None]
     with torch.no_grad():
         for task in ("a", "b"):
             assert torch.equal(back.model_for(task)(input_ids=ids).logits, routed.model_for(task)(input_ids=ids).logits)
-    task, text = back.generate("the", task="a", max_new_tokens=4)
-    assert task == "a" and isinstance(text, str)
+    member, text = back.generate("the", member="a", max_new_tokens=4)
+    assert member == "a" and isinstance(text, str)
 
 
 def test_expert_options_are_checked():
@@ -234,19 +244,20 @@ def test_expert_options_are_checked():
 
 
 def test_prune_experts_then_eval_scores_each_task_with_its_expert(tiny_llama, tmp_path, monkeypatch):
-    from prunekit.routing import TaskRoutedModel
+    import prunekit
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "experts"
-    assert _seap_cli(tiny_llama, out, "--strategy.tasks", "[all]", "--router_per_task", "6") == 0
+    assert _seap_cli(tiny_llama, out, "--strategy.tasks", "[all]", "--strategy.router_per_task", "6") == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert sorted(metrics["experts"]) == ["boolq", "copa"]
-    for row in metrics["experts"].values():
+    members = metrics["pruned"]["members"]
+    assert sorted(members) == ["boolq", "copa"] and metrics["plan"] == "plan_set"
+    for row in members.values():
         assert row["pruned_fraction"] == pytest.approx(0.3, abs=0.03) and row["perplexity"] > 1
-    assert (out / "experts_profile.png").is_file() and (out / "prunekit_experts.json").is_file()
-    routed = TaskRoutedModel.load(out)
-    assert routed.tasks == ["copa", "boolq"]
-    router = metrics["router"]  # trained on the calibration prompts, scored on held-out evaluation prompts
+    assert (out / "members_profile.png").is_file() and (out / "prunekit_plans.json").is_file()
+    routed = prunekit.load_pruned(out)
+    assert routed.names == ["copa", "boolq"]
+    router = metrics["pruned"]["router"]  # trained on the calibration prompts, scored on held-out evaluation prompts
     assert set(router["per_task"]) == {"copa", "boolq"} and router["per_task"]["boolq"]["held_out"] == 6
     assert routed.route(routed.tokenizer.decode(routed.tokenizer("Is the sky blue?")["input_ids"])) in ("copa", "boolq")
 
@@ -254,9 +265,9 @@ def test_prune_experts_then_eval_scores_each_task_with_its_expert(tiny_llama, tm
     assert main(["eval", "--model", str(out), "--tasks", "[perplexity, copa, boolq]", "--limit", "3",
                  "--data.seq_len", "64", "--data.eval_samples", "2", "--output_dir", str(ev)]) == 0
     result = json.loads((ev / "metrics.json").read_text())
-    assert result["tasks"]["experts"] == {"copa": "copa", "boolq": "boolq"}
+    assert result["tasks"]["members"] == {"copa": "copa", "boolq": "boolq"}
     assert set(result["tasks"]["tasks"]) == {"copa", "boolq"}
-    assert result["experts"]["copa"]["perplexity"] == pytest.approx(metrics["experts"]["copa"]["perplexity"], rel=1e-5)
+    assert result["members"]["copa"]["perplexity"] == pytest.approx(members["copa"]["perplexity"], rel=1e-5)
     # the expert really is what scored the task: copa's expert alone gives the same accuracy
     from prunekit.models import load_tokenizer
     from prunekit.zeroshot import evaluate_tasks
@@ -268,7 +279,7 @@ def test_prune_experts_then_eval_scores_each_task_with_its_expert(tiny_llama, tm
 
 def test_router_learns_separable_tasks_and_round_trips(tiny_llama, tmp_path):
     from prunekit.models import load_tokenizer
-    from prunekit.router import TaskRouter, train_router
+    from prunekit.strategies.seap.router import TaskRouter, train_router
 
     model, tok = PrunableLM(str(tiny_llama)).model, load_tokenizer(str(tiny_llama))
     router, report = train_router(model, tok, ["boolq", "winogrande"], per_task=40, held_out=40, epochs=30,
@@ -288,7 +299,7 @@ def test_logistic_schedule_keeps_the_ends_dense_and_meets_the_ratio(tmp_path):
     """SEAP's default structure on an 8-layer model: layers 0, 1, 6, 7 untouched, later layers pruned more, and
     the attention+MLP weights removed overall equal the requested ratio (parameter-weighted)."""
     import tiny
-    from prunekit.evaluate import linear_counts
+    from prunekit.evaluate import linear_totals
 
     folder = tiny.make_model("llama", tmp_path / "deep", layers=8)
     strategy = SEAP(sparsity=0.3)
@@ -302,8 +313,7 @@ def test_logistic_schedule_keeps_the_ends_dense_and_meets_the_ratio(tmp_path):
 
     fractions = [1 - layer_weights(module.model, i) / layer_weights(dense, i) for i in (2, 3, 4, 5)]
     assert fractions == sorted(fractions) and fractions[0] < fractions[-1]  # sparsity grows with depth
-    dense_total = linear_counts(dense)[0]
-    assert 1 - linear_counts(module.model)[1] / dense_total == pytest.approx(0.3, abs=0.02)
+    assert 1 - linear_totals(module.model)["linear"] / linear_totals(dense)["linear"] == pytest.approx(0.3, abs=0.02)
 
 
 def test_pruning_from_saved_statistics_equals_calibrating(tiny_llama, tmp_path, monkeypatch):
@@ -335,7 +345,7 @@ def test_pruning_from_saved_statistics_equals_calibrating(tiny_llama, tmp_path, 
     assert main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", "--data.eval_samples", "2",
                  "--data.seq_len", "64", "--statistics", str(saved), "--output_dir", str(tmp_path / "w")]) == 2
     assert not (tmp_path / "missing").exists() and not (tmp_path / "w").exists()
-    from prunekit.strategies.wanda import Wanda
-
-    with pytest.raises(PrunekitError, match="sequential mode"):
-        Wanda(mode="sequential").load_statistics(None, saved)
+    assert main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", "--strategy.mode", "sequential",
+                 "--data.eval_samples", "2", "--data.seq_len", "64", "--statistics", str(saved),
+                 "--output_dir", str(tmp_path / "seq")]) == 2
+    assert not (tmp_path / "seq").exists()

@@ -10,7 +10,7 @@ import torch
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.module import PrunableLM
-from prunekit.sensitivity import layer_models, random_layer_plan
+from prunekit.strategies.seap.sensitivity import layer_models, random_layer_plan
 
 
 def test_only_the_chosen_layer_changes_and_larger_ratios_remove_supersets(tiny_llama):

@@ -12,10 +12,12 @@ from prunekit.arch import adapter_for, select_linears
 from prunekit.errors import PrunekitError
 from prunekit.module import PrunableLM
 from prunekit.models import load_model
-from prunekit.stats import ChannelMoments, ChannelSumSq, Hessian, check_finite
+from prunekit.api import plan
+from prunekit.observe import ObserverSet, linear_inputs
+from prunekit.stats import ChannelMoments, ChannelSumSq, Comm, Hessian, check_finite
 from prunekit.strategies.sparsegpt import SparseGPT
 from prunekit.strategies.wanda import Wanda
-from prunekit.strategy import PruningStrategy, _Collector
+from prunekit.strategy import PruningStrategy
 
 FEATURES = 12
 
@@ -95,7 +97,7 @@ def _two_ranks(kind):
     def gather(t):  # all-gather in rank order as seen from rank 0: a fresh (world, ...) tensor
         return torch.stack([t.clone(), other[id(t)].clone()])
 
-    rank0.reduce(reduce_sum, gather)
+    rank0.reduce(Comm(reduce_sum, gather))
     return rank0, single
 
 
@@ -112,7 +114,7 @@ def test_channel_moments_reduce_merges_unequal_ranks_with_chan_formula():
     rank0, empty = _accumulate(ChannelMoments, chunks), ChannelMoments(FEATURES)
     expected = {k: v.clone() for k, v in rank0.tensors().items()}
     other = {id(t): empty.tensors()[n] for n, t in rank0.tensors().items()}
-    rank0.reduce(lambda t: t, lambda t: torch.stack([t.clone(), other[id(t)].clone()]))
+    rank0.reduce(Comm(lambda t: t, lambda t: torch.stack([t.clone(), other[id(t)].clone()])))
     for name, t in expected.items():
         _close(rank0.tensors()[name], t)
 
@@ -128,15 +130,12 @@ class _Windows:
         return DataLoader(TensorDataset(self.windows), batch_size=1, shuffle=False)
 
 
-def _trainer(strategy) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, inference_mode=False,
-                      callbacks=[strategy])
-
-
-def _run(folder: Path, strategy: PruningStrategy, windows: torch.Tensor) -> PrunableLM:
-    module = PrunableLM(str(folder))
-    strategy.run(_trainer(strategy), module, _Windows(windows))
+def _run(folder: Path, strategy: PruningStrategy, windows: torch.Tensor, module=None):
+    """Calibrate and decide; ``strategy.statistics_`` gets every observed statistic per linear name as
+    ``"<stat>.<field>"`` (what ``--save_statistics`` writes, keyed by each linear that reads it)."""
+    calibration, module = plan(strategy, module or PrunableLM(str(folder)), _Windows(windows))
+    strategy.statistics_ = {name: {f"{k}.{f}": v for k, stat in group.items() for f, v in stat.tensors().items()}
+                            for name, group in calibration.observed().items()}
     return module
 
 
@@ -175,7 +174,7 @@ def _names(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_wanda_statistics_equal_direct_computation(tiny_models, windows, family):
-    strategy = Wanda(mode="all-at-once", keep_statistics=True)
+    strategy = Wanda(mode="all-at-once")
     _run(tiny_models[family], strategy, windows)
     names = _names(tiny_models[family])
     assert set(strategy.statistics_) == set(names)
@@ -190,7 +189,7 @@ def test_wanda_statistics_equal_direct_computation(tiny_models, windows, family)
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sparsegpt_hessian_equals_direct_computation(tiny_models, windows, family):
-    strategy = SparseGPT(mode="all-at-once", keep_statistics=True)
+    strategy = SparseGPT(mode="all-at-once")
     _run(tiny_models[family], strategy, windows)
     names = _names(tiny_models[family])
     direct = _direct(tiny_models[family], names, windows)
@@ -204,10 +203,14 @@ def test_sparsegpt_hessian_equals_direct_computation(tiny_models, windows, famil
 def test_qkv_and_gate_up_share_one_statistic(tiny_llama, windows):
     model = load_model(str(tiny_llama))
     refs = select_linears(model, ["attn", "mlp"])
-    collector = _Collector(refs, {"act": ChannelSumSq})
+    observers = ObserverSet(linear_inputs(refs, {"act": ChannelSumSq}))
+    observers.build(model, None)
+    observers.attach()
+    results = observers.results()
     try:
-        assert len(collector._handles) == 4 * tiny.LAYERS  # q/k/v, o, gate/up, down per layer
-        by = {(r.layer, r.role): collector.stats[r.name] for r in refs}
+        assert len(observers) == 4 * tiny.LAYERS  # q/k/v, o, gate/up, down per layer
+        assert sum(len(m._forward_hooks) for m in model.modules()) == 4 * tiny.LAYERS
+        by = {(r.layer, r.role): results[r.name] for r in refs}
         for i in range(tiny.LAYERS):
             assert by[i, "q"] is by[i, "k"] is by[i, "v"]
             assert by[i, "gate"] is by[i, "up"]
@@ -215,16 +218,15 @@ def test_qkv_and_gate_up_share_one_statistic(tiny_llama, windows):
             assert len({id(s) for s in distinct}) == 4
             if i:
                 assert by[i, "q"] is not by[i - 1, "q"]
-        assert len(collector.unique()) == 4 * tiny.LAYERS
         with torch.no_grad():
             model(input_ids=windows[:1], use_cache=False)
         assert by[0, "q"]["act"].count.item() == windows.shape[1]
     finally:
-        collector.remove()
+        observers.detach()
     assert all(not m._forward_hooks for m in model.modules())
 
     # what the strategy keeps: q, k and v (and gate, up) report identical statistics
-    strategy = Wanda(mode="all-at-once", keep_statistics=True)
+    strategy = Wanda(mode="all-at-once")
     _run(tiny_llama, strategy, windows)
     s = strategy.statistics_
     for i in range(tiny.LAYERS):
@@ -240,7 +242,7 @@ def test_sequential_statistics_of_an_unpruned_model_equal_dense_pass(tiny_models
     """At sparsity 0 nothing is pruned, so recomputing each layer from the cached layer-0 inputs must reproduce
     the dense model's activations: every layer's statistics equal those of one pass over the dense model."""
     folder = tiny_models[family]
-    seq = Wanda(sparsity=0.0, mode="sequential", keep_statistics=True)
+    seq = Wanda(sparsity=0.0, mode="sequential")
     module = _run(folder, seq, windows)
     direct = _direct(folder, _names(folder), windows)
     assert set(seq.statistics_) == set(direct)
@@ -264,7 +266,7 @@ def test_sequential_gemma3_with_full_attention_layer(tmp_path):
     tiny.tokenizer().save_pretrained(tmp_path)
     torch.manual_seed(1)
     windows = torch.randint(0, tiny.VOCAB, (2, 64))  # longer than the sliding window (32)
-    seq = Wanda(sparsity=0.0, mode="sequential", keep_statistics=True)
+    seq = Wanda(sparsity=0.0, mode="sequential")
     _run(tmp_path, seq, windows)
     direct = _direct(tmp_path, _names(tmp_path), windows)
     for n, d in direct.items():
@@ -283,7 +285,7 @@ class _MomentsProbe(PruningStrategy):
 
 
 def test_channel_moments_through_single_process_strategy(tiny_llama, windows):
-    strategy = _MomentsProbe(mode="all-at-once", keep_statistics=True, modules=["down"])
+    strategy = _MomentsProbe(mode="all-at-once", modules=["down"])
     _run(tiny_llama, strategy, windows)
     names = [f"model.layers.{i}.mlp.down_proj" for i in range(tiny.LAYERS)]
     direct = _direct(tiny_llama, names, windows)
@@ -307,6 +309,8 @@ def test_nan_activation_stops_calibration(tiny_llama, windows):
     module = PrunableLM(str(tiny_llama))
     module.model.model.layers[0].mlp.up_proj.weight.data[3, 5] = float("nan")  # NaN reaches down_proj's input
     strategy = Wanda(mode="all-at-once")
+    before = {n: p.clone() for n, p in module.model.named_parameters()}
     with pytest.raises(PrunekitError, match=r"non-finite activations.*model\.layers\.0\.mlp\.down_proj"):
-        strategy.run(_trainer(strategy), module, _Windows(windows))
-    assert not strategy.pruned
+        plan(strategy, module, _Windows(windows))
+    assert all(torch.equal(p, before[n]) or n.endswith("up_proj.weight") for n, p in module.model.named_parameters())
+    assert all(not m._forward_hooks for m in module.model.modules())  # no observer left behind

@@ -15,7 +15,9 @@ from prunekit.arch import adapter_for
 from prunekit.errors import PrunekitError
 from prunekit.masks import lowest_global, lowest_n_of_m
 from prunekit.models import load_model
+from prunekit.api import prune
 from prunekit.module import PrunableLM
+from prunekit.plans import WeightMask
 from prunekit.strategies.magnitude import Magnitude
 from prunekit.strategies.magnitude import scores as magnitude_scores
 from prunekit.strategies.sparsegpt import SparseGPT, fasterprune
@@ -38,28 +40,18 @@ class _Windows:
 
 
 def _recording(cls, **kwargs):
-    """An instance of a subclass of ``cls`` that records every mask it returns (name -> (out, in) bool)."""
-
-    class Recording(cls):
-        def prune_linear(self, ref, stats):
-            mask = super().prune_linear(ref, stats)
-            assert mask.dtype == torch.bool and mask.shape == ref.weight.shape
-            self.masks[ref.name] = mask.clone()
-            return mask
-
-    strategy = Recording(**kwargs)
-    strategy.masks = {}
-    return strategy
+    """An instance of ``cls``; ``_run`` stores the masks of its plan in ``strategy.masks`` (name -> (out, in) bool)."""
+    return cls(**kwargs)
 
 
 def _run(folder: Path, strategy, windows: torch.Tensor | None) -> torch.nn.Module:
-    module = PrunableLM(str(folder))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, inference_mode=False,
-                         callbacks=[strategy])
-    strategy.run(trainer, module, _Windows(windows) if windows is not None else None)
-    assert strategy.pruned
-    return module.model
+    """Calibrate, decide and realize through the public API; the plan's masks land in ``strategy.masks``."""
+    out = prune(strategy, str(folder), _Windows(windows) if windows is not None else None)
+    assert isinstance(out.plan, WeightMask)
+    for name, mask in out.plan.masks.items():
+        assert mask.dtype == torch.bool
+    strategy.masks = {n: m.clone() for n, m in out.plan.masks.items()}
+    return out.realized
 
 
 @pytest.fixture(scope="module")
@@ -237,11 +229,9 @@ def test_nm_pattern_holds_in_every_group(tiny_models, windows, family, pattern, 
 def test_nm_pattern_needs_divisible_inputs(tiny_llama):
     module = PrunableLM(str(tiny_llama))
     strategy = Magnitude(pattern="3:48")  # 48 divides neither 64 nor 128
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[strategy])
     before = {n: p.clone() for n, p in module.model.named_parameters()}
     with pytest.raises(PrunekitError, match="not divisible by M=48"):
-        strategy.run(trainer, module, None)
+        prune(strategy, module)
     assert all(torch.equal(p, before[n]) for n, p in module.model.named_parameters())
 
 
@@ -250,7 +240,7 @@ def test_nm_pattern_needs_divisible_inputs(tiny_llama):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_magnitude_one_threshold_per_matrix_without_data(tiny_models, family, sparsity):
     strategy = _recording(Magnitude, sparsity=sparsity)
-    assert not strategy.needs_calibration
+    assert strategy.pipeline == "none"
     pruned = _run(tiny_models[family], strategy, None)  # no datamodule at all
     dense = load_model(str(tiny_models[family]))
     linears = _decoder_linears(dense)
@@ -267,31 +257,23 @@ def test_magnitude_one_threshold_per_matrix_without_data(tiny_models, family, sp
 
 
 def test_calibrating_strategy_without_data_raises(tiny_llama):
-    module = PrunableLM(str(tiny_llama))
-    strategy = Wanda()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[strategy])
     with pytest.raises(PrunekitError, match="needs calibration data"):
-        strategy.run(trainer, module, None)
+        prune(Wanda(), str(tiny_llama), None)
 
 
-def test_strategy_refuses_to_prune_twice(tiny_llama):
-    strategy = Magnitude()
+def test_strategy_decides_without_touching_the_model(tiny_llama, windows):
+    """A strategy only returns a plan: the all-at-once pipeline leaves the model dense until the plan is
+    realized, and the same strategy object decides the same plan again (it keeps no state between runs)."""
+    from prunekit.api import plan
+
+    strategy = Wanda(mode="all-at-once")
     module = PrunableLM(str(tiny_llama))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[strategy])
-    strategy.run(trainer, module, None)
-    assert module.pruned_by["strategy"] == "magnitude"
-    with pytest.raises(PrunekitError, match="already pruned"):
-        strategy.run(trainer, module, None)
-
-
-def test_strategy_not_attached_to_trainer_raises(tiny_llama, windows):
-    module = PrunableLM(str(tiny_llama))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, inference_mode=False)
-    with pytest.raises(PrunekitError, match="attached to the trainer"):
-        Wanda().run(trainer, module, _Windows(windows))
+    before = {n: p.clone() for n, p in module.model.named_parameters()}
+    first, _ = plan(strategy, module, _Windows(windows))
+    assert all(torch.equal(p, before[n]) for n, p in module.model.named_parameters())
+    second, _ = plan(strategy, module, _Windows(windows))
+    assert first.plan.masks.keys() == second.plan.masks.keys()
+    assert all(torch.equal(first.plan.masks[n], second.plan.masks[n]) for n in first.plan.masks)
 
 
 # ----------------------------------------------------------------------------- SparseGPT (pure functions)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -13,14 +12,16 @@ import tiny
 from prunekit.arch import LinearRef
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
-from prunekit.evaluate import linear_counts
+from prunekit.api import prune
+from prunekit.evaluate import sparsity_rows
 from prunekit.module import PrunableLM
+from prunekit.plans import UnitCut
 from prunekit.stats import ChannelMoments, ChannelSumSq
 from prunekit.strategies.flap import FLAP
 from prunekit.strategies.magnitude_sp import MagnitudeSP
 from prunekit.strategies.wanda_sp import WandaSP
-from prunekit.structured import StructuredStrategy, add_bias, compensation
-from prunekit.surgery import structure
+from prunekit.structured import StructuredStrategy, compensation
+from prunekit.surgery import add_bias, structure
 
 WINDOWS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -32,10 +33,16 @@ class _Data:
 
 def _run(folder, strategy) -> PrunableLM:
     module = PrunableLM(str(folder))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, inference_mode=False, callbacks=[strategy])
-    strategy.run(trainer, module, _Data())
+    out = prune(strategy, module, _Data())
+    assert isinstance(out.plan, UnitCut) and out.realized is module.model
     return module
+
+
+def linear_counts(model) -> tuple[int, int]:
+    """(projection weights, non-zero ones)."""
+    rows = sparsity_rows(model)
+    total = sum(r["numel"] for r in rows)
+    return total, total - sum(r["zeros"] for r in rows)
 
 
 def _stats(x):
@@ -132,9 +139,10 @@ def test_allow_empty_lets_adaptive_empty_a_layer(tiny_models, family, tmp_path):
     assert min(min(l["heads"], l["mlp_channels"]) for l in emptied) == 0
     with torch.no_grad():
         assert torch.isfinite(module.model(WINDOWS).logits).all()
-    from prunekit.export import save_pruned
+    from prunekit.realize.cuts import save_cut
 
-    save_pruned(module.model, tmp_path / "emptied", tiny.tokenizer())
+    (tmp_path / "emptied").mkdir()
+    save_cut(module.model, tmp_path / "emptied", tiny.tokenizer())
     again = structure(_run(tmp_path / "emptied", WandaSP(sparsity=0.3)).model)  # an emptied model prunes further
     assert sum(l["mlp_channels"] for l in again) < sum(l["mlp_channels"] for l in emptied)
 
@@ -148,7 +156,7 @@ def test_structured_cli_round_trip(tiny_llama, tmp_path, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pruned"]["pruned_fraction"] == pytest.approx(0.3, abs=0.05)
     assert metrics["pruned"]["params_total"] < metrics["dense"]["params_total"]
-    assert len(metrics["structure"]) == tiny.LAYERS
+    assert len(metrics["pruned"]["structure"]) == tiny.LAYERS and metrics["plan"] == "unit_cut"
     assert main(["eval", "--model", str(out), *data, "--output_dir", str(tmp_path / "ev")]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["perplexity"] == pytest.approx(metrics["pruned"]["perplexity"], rel=1e-6)
@@ -169,4 +177,4 @@ def test_structured_bad_options():
 def test_adaptive_query_unit_under_gqa_is_refused_before_calibration(tiny_llama):
     strategy = FLAP(sparsity=0.3, head_unit="query")
     with pytest.raises(PrunekitError, match="whole KV groups"):
-        strategy.targets(PrunableLM(str(tiny_llama)).model)
+        strategy.check(PrunableLM(str(tiny_llama)).model)

@@ -86,7 +86,8 @@ def test_head_cut_equals_zeroed_and_generates(tiny_models, family):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_empty_layers_when_allowed(tiny_models, family, tmp_path):
     """A layer without heads and one without channels: zeroed-model logits, cached generation, reload."""
-    from prunekit.export import load_pruned, save_pruned
+    from prunekit import load_pruned
+    from prunekit.realize.cuts import save_cut as save_pruned
     from prunekit.surgery import attention_heads, cut_attention_heads
 
     cut = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
@@ -143,7 +144,7 @@ def test_reload_in_a_fresh_process_gives_identical_logits(tiny_models, tmp_path)
     import subprocess
     import sys
 
-    from prunekit.export import STRUCTURE_FILE, save_pruned
+    from prunekit.realize.cuts import STRUCTURE_FILE, save_cut as save_pruned
     from prunekit.surgery import attention_heads, cut_attention_heads
 
     ids = torch.randint(0, tiny.VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
@@ -163,7 +164,7 @@ def test_reload_in_a_fresh_process_gives_identical_logits(tiny_models, tmp_path)
             expected[family] = model(ids).logits
     torch.save(ids, tmp_path / "ids.pt")
     script = (
-        "import sys, torch\nfrom prunekit.export import load_pruned\nids = torch.load(sys.argv[1] + '/ids.pt')\n"
+        "import sys, torch\nfrom prunekit import load_pruned\nids = torch.load(sys.argv[1] + '/ids.pt')\n"
         f"out = {{f: load_pruned(sys.argv[1] + '/' + f)(ids).logits for f in {list(tiny_models)!r}}}\n"
         "torch.save(out, sys.argv[1] + '/reloaded.pt')\n"
     )
@@ -181,7 +182,8 @@ def test_uniform_widths_load_with_plain_automodel(tiny_models, tmp_path):
     """
     import json
 
-    from prunekit.export import STRUCTURE_FILE, load_pruned, save_pruned
+    from prunekit import load_pruned
+    from prunekit.realize.cuts import STRUCTURE_FILE, save_cut as save_pruned
     from prunekit.surgery import attention_heads, cut_attention_heads
 
     ids = torch.randint(0, tiny.VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
@@ -198,7 +200,7 @@ def test_uniform_widths_load_with_plain_automodel(tiny_models, tmp_path):
                     if ref.layer == layer and ref.role in biased and ref.module.bias is None:
                         ref.module.bias = torch.nn.Parameter(torch.randn(ref.out_features) * 0.1, requires_grad=False)
             out = tmp_path / f"{family}-{cut_heads}"
-            plain = save_pruned(model, out, tiny.tokenizer())
+            plain = save_pruned(model, out, tiny.tokenizer())["plain"]
             assert json.loads((out / STRUCTURE_FILE).read_text())["plain_loadable"] == plain
             with torch.no_grad():
                 expected = model(ids).logits
@@ -212,8 +214,9 @@ def test_uniform_widths_load_with_plain_automodel(tiny_models, tmp_path):
 
 
 def test_non_uniform_widths_are_not_plain_loadable(tiny_models, tmp_path):
-    from prunekit.export import plain_config
+    from prunekit.realize.cuts import plain_config
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     cut_mlp_channels(model, 0, list(range(10)))
-    assert plain_config(model) is None
+    reason = plain_config(model)
+    assert isinstance(reason, str) and "layer 0: 10, layer 1: 128" in reason and "MLP width" in reason

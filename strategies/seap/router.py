@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.plans import Router
 
 
 @torch.no_grad()
@@ -38,8 +39,8 @@ def prompt_features(model: nn.Module, tokenizer, prompts: list[str]) -> torch.Te
     return torch.stack(rows)
 
 
-class TaskRouter(nn.Module):
-    """Standardise the features, then one linear layer: logits over ``tasks``."""
+class TaskRouter(nn.Module, Router):
+    """Standardise the features, then one linear layer: logits over ``tasks`` (a plan set's ``Router``)."""
 
     def __init__(self, tasks: list[str], hidden: int) -> None:
         super().__init__()
@@ -52,6 +53,9 @@ class TaskRouter(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear((features - self.mean) / self.std)
+
+    def route(self, model: nn.Module, tokenizer, prompts: list[str]) -> list[str]:
+        return self.predict(model, tokenizer, prompts)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer, prompts: list[str]) -> list[str]:

@@ -9,8 +9,8 @@ per-dimension activation statistic of a task's prompts over a random sample of d
   dimension ``d``, ``‖X_{l,d}‖₂ / √N`` over all N tokens (the root mean square, so subsets of different sizes
   compare). Sites: ``attn_in`` (normalised input of q/k/v), ``mlp_in`` (of gate/up), ``attn_mid`` (input of
   o_proj: the heads' concatenated outputs), ``mlp_mid`` (input of down_proj: the intermediate activations).
-  Statistics accumulate in float64 through the same forward hooks and multi-process reduction as the pruning
-  strategies (``prunekit.stats.ChannelSumSq``), during a Lightning ``predict`` pass in phase ``profile``.
+  Statistics accumulate in float64 through the same observers and multi-process reduction as the pruning
+  strategies (``prunekit.observe``, ``prunekit.stats.ChannelSumSq``), during a Lightning ``predict`` pass.
 - **two random halves** per task: the task's calibration examples (never scored), rendered by lm-eval with
   their gold answers and fed one per forward pass; a seeded random choice of ``num_samples`` split into
   halves A and B. (The reference's plotting code fills both of its subsets with the same statistics; here
@@ -37,7 +37,6 @@ import torch
 from prunekit.arch import LinearRef, adapter_for
 from prunekit.errors import PrunekitError
 from prunekit.stats import ChannelSumSq
-from prunekit.strategy import _Collector, reduce_statistics
 
 SITES = {  # site -> roles whose input it is, first present wins (Llama-style names, then fused/GPT-style ones)
     "attn_in": ("q", "qkv"),
@@ -64,74 +63,36 @@ def site_refs(model: torch.nn.Module, site: str) -> list[LinearRef]:
     return refs
 
 
-class ActivationProfiler(pl.Callback):
-    """Accumulates per-layer, per-dimension activation norms during ``predict`` in phase ``profile``.
+def profile(trainer: pl.Trainer, pl_module: pl.LightningModule, loader, sites: list[str],
+            description: str = "profiling") -> dict[str, torch.Tensor]:
+    """One Lightning ``predict`` pass over ``loader`` with an observer per layer and site (statistics reduced
+    across processes); returns ``{site: (layers, dims) RMS}``: each dimension's root mean square over all
+    tokens."""
+    from prunekit.observe import Observer, ObserverSet
+    from prunekit.pipeline import ObservePass, comm
 
-    After the pass (statistics reduced over every process), ``profiles_`` maps each site to a float64
-    tensor of shape (layers, dimensions): the root mean square of each dimension over all tokens.
-    """
-
-    def __init__(self, sites: list[str] | tuple[str, ...] = ("attn_in",)) -> None:
-        super().__init__()
-        for site in sites:
-            if site not in SITES:
-                raise PrunekitError(f"unknown activation site {site!r}; choose from {', '.join(SITES)}")
-        self.sites = list(sites)
-        self.profiles_: dict[str, torch.Tensor] = {}
-        self._collectors: dict[str, _Collector] = {}
-
-    @staticmethod
-    def _active(pl_module) -> bool:
-        return getattr(pl_module, "phase", None) == "profile"
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(pl_module):
-            return
-        model = pl_module.model
-        self.profiles_ = {}
-        self._collectors = {site: _Collector(site_refs(model, site), {"act": ChannelSumSq}) for site in self.sites}
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(pl_module):
-            return
-        collectors, self._collectors = self._collectors, {}
-        for site, collector in collectors.items():
-            collector.remove()
-            reduce_statistics(trainer, collector.unique())
-            rows = []
-            for ref in site_refs(pl_module.model, site):
-                stat = collector.stats[ref.name]["act"]
-                if stat.count == 0:
-                    raise PrunekitError("the profile pass saw no tokens; give it at least one sequence")
-                rows.append((stat.sumsq / stat.count).sqrt())
-            self.profiles_[site] = torch.stack(rows)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        for collector in self._collectors.values():
-            collector.remove()
-        self._collectors = {}
-
-
-def profile(trainer: pl.Trainer, pl_module: pl.LightningModule, loader, sites: list[str]) -> dict[str, torch.Tensor]:
-    """Run one ``predict`` pass over ``loader`` and return ``{site: (layers, dims) RMS}``.
-
-    Uses the trainer's own ``ActivationProfiler`` if it has one for these sites, otherwise attaches one for
-    the pass (so multi-process runs reduce through the trainer's strategy either way).
-    """
-    profiler = next((cb for cb in trainer.callbacks if isinstance(cb, ActivationProfiler)), None)
-    added = profiler is None
-    if added:
-        profiler = ActivationProfiler(sites)
-        trainer.callbacks.append(profiler)
-    profiler.sites = list(sites)
-    previous, pl_module.phase = pl_module.phase, "profile"
+    model = pl_module.model
+    by_site = {site: [Observer(ref.name, {"act": ChannelSumSq}, features=ref.in_features) for ref in site_refs(model, site)]
+               for site in sites}
+    observers = ObserverSet([o for group in by_site.values() for o in group])
+    observers.build(model, None)
+    observers.attach()
     try:
-        trainer.predict(pl_module, dataloaders=loader, return_predictions=False)
+        trainer.predict(ObservePass(model, observers, description=description), dataloaders=loader,
+                        return_predictions=False)
     finally:
-        pl_module.phase = previous
-        if added:
-            trainer.callbacks.remove(profiler)
-    return dict(profiler.profiles_)
+        observers.detach()
+    observers.reduce(comm(trainer))
+    out = {}
+    for site, group in by_site.items():
+        rows = []
+        for o in group:
+            stat = o.stats["act"]
+            if stat.count == 0:
+                raise PrunekitError("the profile pass saw no tokens; give it at least one sequence")
+            rows.append((stat.sumsq / stat.count).sqrt())
+        out[site] = torch.stack(rows)
+    return out
 
 
 def halves(sequences: list[Any]) -> tuple[list[Any], list[Any]]:

@@ -5,7 +5,7 @@ seeded random choice of r · heads query heads and r · channels MLP channels (r
 random order per layer, so a larger ratio removes a superset of a smaller one; r = 1
 empties the layer's attention and MLP; the residual stream passes through). Under grouped-query attention
 whole KV groups are removed (r · groups of them), as everywhere in prunekit. The model is then scored on the
-held-out perplexity or on an lm-eval task. Only layer ℓ is copied for each model (``routing.build_expert``),
+held-out perplexity or on an lm-eval task. Only layer ℓ is copied for each model (``prunekit.realize.routed.build_member``),
 so memory stays at the dense model plus one layer.
 
 Reference (IAAR-Shanghai/SEAP ``scripts/remove_test.py``, paper Figures 5–6): random units of all seven
@@ -21,7 +21,8 @@ from torch import nn
 
 from prunekit.arch import adapter_for
 from prunekit.errors import PrunekitError
-from prunekit.routing import build_expert
+from prunekit.plans import LayerCut, UnitCut
+from prunekit.realize.routed import build_member
 from prunekit.surgery import attention_heads, mlp_width
 
 
@@ -47,5 +48,5 @@ def layer_models(model: nn.Module, ratios: list[float], seed: int = 0, layers: l
         if not 0 <= layer < n:
             raise PrunekitError(f"layer {layer} out of range: the model has {n} decoder layers")
         for ratio in ratios:
-            plan = {layer: random_layer_plan(model, layer, ratio, seed)}
-            yield layer, ratio, build_expert(model, plan, allow_empty=True)
+            heads, channels = random_layer_plan(model, layer, ratio, seed)
+            yield layer, ratio, build_member(model, UnitCut({layer: LayerCut(heads, channels)}, allow_empty=True))

@@ -52,10 +52,10 @@ from typing import Literal
 import torch
 
 from prunekit import allocation as alloc
-from prunekit.arch import adapter_for
 from prunekit.errors import PrunekitError
+from prunekit.plans import PlanSet
 from prunekit.stats import ChannelMoments
-from prunekit.structured import Allocation, StructuredStrategy, _by_layer, compensation
+from prunekit.structured import Allocation, StructuredStrategy, compensation
 from prunekit.surgery import attention_heads
 
 
@@ -82,7 +82,7 @@ class SEAP(StructuredStrategy):
     def __init__(self, sparsity: float = 0.2, task: str | None = None, tasks: list[str] | None = None,
                  allocation: Allocation | None = None, standardization: Literal["zscore", "robust"] = "robust",
                  bias_compensation: bool = False, mode: Literal["sequential", "all-at-once"] = "all-at-once",
-                 **kwargs) -> None:
+                 router: bool = True, router_per_task: int = 200, **kwargs) -> None:
         super().__init__(sparsity=sparsity, allocation=allocation, standardization=standardization,
                          bias_compensation=bias_compensation, mode=mode, **kwargs)
         if task is not None and tasks:
@@ -91,15 +91,21 @@ class SEAP(StructuredStrategy):
         if tasks and mode != "all-at-once":
             raise PrunekitError("one plan per task needs the dense model's statistics: use mode='all-at-once' "
                                 "(sequential pruning would need a separate pass per task)")
+        if router_per_task < 0:
+            raise PrunekitError(f"router_per_task must be >= 0 (0 = every prompt), got {router_per_task}")
         self.task, self.tasks = task, list(tasks) if tasks else None
+        self.router, self.router_per_task = router, router_per_task
+        self.sources_: list[str] | None = None
         self._current: str | None = None
-        self.experts_: dict[str, dict] = {}  # task -> {"plan": {layer: (heads, channels)}, "bias": {name: tensor}}
 
     def describe(self) -> dict:
         out = {**super().describe(), "task": self.task, "standardization": self.standardization}
         if self.tasks:
-            out["tasks"] = list(self.experts_) or self.tasks
+            out.update({"tasks": self.tasks, "router": self.router})
         return out
+
+    def label(self) -> str:
+        return f"{self.name} ({self.sparsity:.0%}, {self.allocation}, {self.pipeline})"
 
     def _expert_tasks(self) -> list[str]:
         sources = self.sources_ or []
@@ -111,23 +117,52 @@ class SEAP(StructuredStrategy):
                                 f"({', '.join(sources)}); add them to --data.corpus_options tasks")
         return list(self.tasks)
 
-    def prune_refs(self, pl_module, refs, stats) -> None:
+    def decide(self, model, observed, layer, context):
+        """One task's expert (a ``UnitCut``), a general mask (seap-gen), or with ``tasks`` a ``PlanSet``: one
+        plan per task from the same statistics, and a task router trained on the tasks' prompts."""
+        self.sources_ = list(context.sources) if context is not None and context.sources else None
         if not self.tasks:
-            return super().prune_refs(pl_module, refs, stats)
-        model, by_layer = pl_module.model, _by_layer(refs)
-        _, _, head_dim = adapter_for(model).attention_shape(model.config)
+            return super().decide(model, observed, layer, context)
+        refs = [r for r in self.targets(model) if layer is None or r.layer == layer]
+        plans = {}
         for task in self._expert_tasks():
             self._current = task
             try:
-                plan = self.plan(model, refs, stats)
+                plans[task] = self.unit_cut(model, refs, observed, self.plan(model, refs, observed))
             finally:
                 self._current = None
-            bias = {}
-            if self.bias_compensation:  # computed now, added when the expert is built
-                for layer, (heads, channels) in plan.items():
-                    bias.update(compensation(by_layer.get(layer, {}), stats, heads, channels, head_dim, f"moments@{task}"))
-            self.experts_[task] = {"plan": {layer: (list(h), list(c)) for layer, (h, c) in plan.items()},
-                                   "bias": bias}
+        router, report = None, None
+        if self.router and context is not None and context.is_global_zero and context.tokenizer is not None:
+            router, report = self._train_router(model, context, list(plans))
+        return PlanSet(plans, router, report)
+
+    def _train_router(self, model, context, tasks: list[str]):
+        import time
+
+        from prunekit.tasks import LM_EVAL_GROUPS, TASKS
+        from prunekit.strategies.seap.router import train_router
+
+        routable = [t for t in tasks if t in TASKS or t in LM_EVAL_GROUPS]  # a text corpus has no prompts
+        if len(routable) < 2:
+            return None, None
+        start = time.perf_counter()
+        router, report = train_router(model, context.tokenizer, routable, per_task=self.router_per_task,
+                                      held_out=self.router_per_task, seed=context.seed, enable_progress_bar=False)
+        report["train_s"] = time.perf_counter() - start
+        report["summary"] = [f"task router (mean input embedding → linear, {len(routable)} tasks, chance "
+                             f"{report['chance']:.2f}): held-out accuracy {report['accuracy']:.3f}, macro F1 "
+                             f"{report['macro_f1']:.3f}"]
+        report["summary"] += [f"  {task:<16} precision {m['precision']:.3f}  recall {m['recall']:.3f}  F1 {m['f1']:.3f}  "
+                              f"({m['train']} training / {m['held_out']} held-out prompts)"
+                              for task, m in report["per_task"].items()]
+        return router, report
+
+    def compensation(self, refs, observed, heads, channels, head_dim):
+        """Compensate with the mean of the source(s) that decided the mask, weighted like their scores."""
+        weights = self.source_weights()
+        merged = {name: {"moments": _weighted_moments(group, weights)} for name, group in observed.items()
+                  if f"moments@{next(iter(weights))}" in group}
+        return compensation(refs, merged, heads, channels, head_dim)
 
     def _source(self) -> str:
         if self._current is not None:
@@ -164,12 +199,6 @@ class SEAP(StructuredStrategy):
         if group == 1:
             return [[h] for h in range(n_q)], z
         return [list(range(g * group, (g + 1) * group)) for g in range(n_kv)], z.view(n_kv, group).mean(1)
-
-    def _cut(self, model, layer, refs, stats, drop_heads, drop_channels):
-        if self.bias_compensation:  # compensate with the mean of the source(s) that decided the mask
-            weights = self.source_weights()
-            stats = {name: {"moments": _weighted_moments(group, weights)} for name, group in stats.items()}
-        super()._cut(model, layer, refs, stats, drop_heads, drop_channels)
 
 
 class SEAPGen(SEAP):

@@ -1,0 +1,372 @@
+"""Calibration pipelines: how a strategy's observers see the model, run by Lightning, reduced across processes.
+
+A pipeline runs the calibration data through the model (``trainer.predict`` over the DataModule, so each
+example is seen by exactly one process), feeds the strategy's observers, reduces them across processes
+(``trainer.strategy``), and asks the strategy for its plan. The strategy never drives the trainer.
+
+- ``none``: no data; the strategy decides from the weights alone.
+- ``all-at-once``: one forward pass over the dense model; every layer observed at once.
+- ``sequential``: the inputs of decoder layer 0 (and each layer's own arguments) are caught, then layer by
+  layer: observe the layer on its current inputs, decide and realize that layer's plan, recompute its outputs
+  with the pruned weights — which become the next layer's inputs. Extra memory ≈ one layer's activations for
+  the local calibration examples (the Wanda/SparseGPT references' default).
+- ``gradient``: forward and backward per batch; the loss is the mean next-token cross-entropy over the tokens
+  the batch marks as targets (``loss_mask``, e.g. only the gold continuation of a task prompt; default every
+  token but the first). Observers read activations, their gradients and weight gradients.
+- ``statistics``: no pass at all — the observers' state is read from a ``statistics.safetensors`` that an
+  earlier all-at-once or gradient pass saved (same model and data, checked by fingerprint).
+
+Every pipeline returns a :class:`Calibration`: the plan and the observers (their reduced state is what
+``--save_statistics`` writes). Lightning callbacks on the trainer get ``on_calibration_start`` /
+``on_calibration_end`` (``trainer, pl_module, strategy``) and ``on_plan`` (``trainer, pl_module, plan``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.observe import Batch, ObserverSet, as_batch
+from prunekit.stats import Comm
+
+
+# ---------------------------------------------------------------------------------------------- passes
+class Pass(pl.LightningModule):
+    """One Lightning ``predict`` pass over a model (calibration or evaluation); ``description`` labels its bar."""
+
+    def __init__(self, model: nn.Module, description: str) -> None:
+        super().__init__()
+        self.model = model
+        self.description = description
+
+    def setup(self, stage: str) -> None:
+        """Several CPU processes share the cores: give each its share of threads, unless the user chose.
+
+        Without this, N processes each start one OpenMP thread per core and the oversubscribed spin-waits
+        slow everything down by an order of magnitude.
+        """
+        trainer = self.trainer
+        if trainer.world_size > 1 and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            per_node = max(1, trainer.world_size // max(1, trainer.num_nodes))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 catcher once every layer's inputs are recorded."""
+
+
+class ObservePass(Pass):
+    """Forward (and with ``gradient``, backward) over calibration batches while observers listen."""
+
+    def __init__(self, model: nn.Module, observers: ObserverSet, gradient: bool = False,
+                 description: str = "calibration", on_batch=None) -> None:
+        super().__init__(model, description)
+        self.observers, self.gradient, self.on_batch = observers, gradient, on_batch
+        self._seen = 0
+
+    def predict_step(self, batch, batch_idx: int) -> None:
+        b = as_batch(batch, self._seen)
+        self._seen += b.size
+        if self.on_batch is not None:
+            self.on_batch(b)
+        self.observers.begin(b)
+        ids = b.input_ids.to(self.device)
+        if not self.gradient:
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+            return None
+        with torch.enable_grad():
+            handle = self.model.get_input_embeddings().register_forward_hook(
+                lambda module, args, output: output.requires_grad_(True))
+            try:
+                logits = self.model(input_ids=ids, use_cache=False).logits
+            finally:
+                handle.remove()
+            loss = token_loss(logits, ids, b.targets().to(ids.device))
+            loss.backward()
+        self.observers.after_backward()
+        return None
+
+
+def token_loss(logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens (position t is predicted at t − 1)."""
+    chosen = targets[:, 1:]
+    if not chosen.any():
+        raise PrunekitError("a calibration batch has no target tokens for the loss (loss_mask is empty)")
+    logp = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             ids[:, 1:].reshape(-1), reduction="none").view_as(chosen)
+    return logp[chosen].mean()
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+def comm(trainer: pl.Trainer) -> Comm:
+    """Cross-process reduction through the trainer's (Lightning) strategy; local with one process."""
+    if trainer.world_size <= 1:
+        return Comm.local()
+    strategy = trainer.strategy
+
+    def gather_objects(obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    return Comm(lambda t: strategy.reduce(t.clone(), reduce_op="sum"), lambda t: strategy.all_gather(t), gather_objects)
+
+
+@dataclass
+class Context:
+    """What ``decide`` may use besides the observations."""
+
+    sources: list[str] | None = None
+    tokenizer: Any = None
+    seed: int = 0
+    is_global_zero: bool = True
+    world_size: int = 1
+
+
+@dataclass
+class Calibration:
+    """A pipeline's result: the plan, and the observers whose reduced state produced it."""
+
+    plan: Any
+    observers: list[ObserverSet] = field(default_factory=list)
+    pipeline: str = "none"
+
+    def observed(self):
+        """Every observation, ``{key: {statistic: Statistic}}``."""
+        from prunekit.observe import Observed
+
+        out = Observed()
+        for group in self.observers:
+            out.update(group.results())
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for group in self.observers:
+            out.update(group.state())
+        return out
+
+
+def _callbacks(trainer: pl.Trainer, hook: str, *args) -> None:
+    for cb in trainer.callbacks:
+        fn = getattr(cb, hook, None)
+        if callable(fn):
+            fn(trainer, *args)
+
+
+def _sources(data) -> list[str] | None:
+    fn = getattr(data, "calibration_sources", None)
+    sources = fn() if callable(fn) else None
+    return list(sources) if sources else None
+
+
+def context_for(trainer: pl.Trainer, data, tokenizer=None, seed: int = 0) -> Context:
+    return Context(_sources(data) if data is not None else None, tokenizer, seed, trainer.is_global_zero,
+                   trainer.world_size)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+class Pipeline:
+    """Base: ``run`` calibrates (or not) and returns the strategy's plan."""
+
+    name = "none"
+    needs_data = False
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data, strategy, context: Context) -> Calibration:
+        model = pl_module.model
+        plan = strategy.decide(model, ObserverSet().results(), None, context)
+        return Calibration(plan, [], self.name)
+
+
+class AllAtOnce(Pipeline):
+    name = "all-at-once"
+    needs_data = True
+    gradient = False
+
+    def run(self, trainer, pl_module, data, strategy, context):
+        model = pl_module.model
+        observers = ObserverSet(list(strategy.observers(model, None)))
+        if self.gradient and not observers.needs_grad:
+            pass  # a loss-driven pass with forward observers only is still valid
+        observers.build(model, context.sources)
+        observers.attach()
+        description = "calibration (forward + backward)" if self.gradient else "calibration"
+        try:
+            trainer.predict(ObservePass(model, observers, self.gradient, description),
+                            dataloaders=data.predict_dataloader(), return_predictions=False)
+        finally:
+            observers.detach()
+        observers.reduce(comm(trainer))
+        plan = strategy.decide(model, observers.results(), None, context)
+        return Calibration(plan, [observers], self.name)
+
+
+class Gradient(AllAtOnce):
+    name = "gradient"
+    gradient = True
+
+
+class Sequential(Pipeline):
+    name = "sequential"
+    needs_data = True
+
+    @torch.no_grad()
+    def run(self, trainer, pl_module, data, strategy, context):
+        from prunekit.arch import adapter_for
+        from prunekit.progress import bar
+        from prunekit.realize import realizer_for
+
+        model = pl_module.model
+        layers = adapter_for(model).layers(model)
+        catcher = _LayerInputCatcher(layers)
+        try:
+            trainer.predict(ObservePass(model, ObserverSet(), False, "calibration: layer-0 inputs",
+                                        on_batch=catcher.batches.append),
+                            dataloaders=data.predict_dataloader(), return_predictions=False)
+        finally:
+            catcher.remove()
+        hidden = catcher.hidden
+        plan, groups, reduce = None, [], comm(trainer)
+        for i in bar(range(len(layers)), "calibration: layers", trainer.is_global_zero):
+            layer, calls = layers[i], catcher.calls[i]
+            observers = ObserverSet(list(strategy.observers(model, i)))
+            if len(observers):
+                observers.build(model, context.sources)
+                observers.attach()
+                try:
+                    for b, h, (args, kwargs) in zip(catcher.batches, hidden, calls):
+                        observers.begin(b)
+                        _call_layer(layer, h, args, kwargs)
+                finally:
+                    observers.detach()
+                observers.reduce(reduce)
+                groups.append(observers)
+                part = strategy.decide(model, observers.results(), i, context)
+                if part is not None:
+                    realizer_for(part).apply(model, part)  # the next layer is calibrated on the pruned one
+                    plan = part if plan is None else plan.merge(part)
+            hidden = [_call_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, calls)]
+            catcher.calls[i] = []
+        if plan is None:
+            plan = strategy.decide(model, ObserverSet().results(), None, context)
+        return Calibration(plan, groups, self.name)
+
+
+class FromStatistics(Pipeline):
+    """Observers filled from a saved ``statistics.safetensors`` instead of a pass (see ``prunekit.statistics``)."""
+
+    name = "statistics"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        self.tensors, self.where = tensors, where
+
+    def run(self, trainer, pl_module, data, strategy, context):
+        model = pl_module.model
+        observers = ObserverSet(list(strategy.observers(model, None)))
+        observers.build(model, context.sources)
+        observers.load_state(self.tensors, self.where)
+        plan = strategy.decide(model, observers.results(), None, context)
+        return Calibration(plan, [observers], self.name)
+
+
+PIPELINES: dict[str, type[Pipeline]] = {"none": Pipeline, "all-at-once": AllAtOnce, "sequential": Sequential,
+                                        "gradient": Gradient}
+
+
+def calibrate(trainer: pl.Trainer, pl_module: pl.LightningModule, data, strategy, context: Context | None = None,
+              pipeline: Pipeline | None = None) -> Calibration:
+    """Run the strategy's pipeline (or ``pipeline``) and return its plan and observations.
+
+    With the ``sequential`` pipeline the model embodies the plan on return (each layer was realized before
+    the next was calibrated); otherwise the model is untouched until the plan is realized.
+    """
+    strategy.check(pl_module.model)
+    pipeline = pipeline or PIPELINES[strategy.pipeline]()
+    if pipeline.needs_data and data is None:
+        raise PrunekitError(f"strategy {strategy.name} needs calibration data ({pipeline.name} pipeline)")
+    context = context or context_for(trainer, data)
+    _callbacks(trainer, "on_calibration_start", pl_module, strategy)
+    result = pipeline.run(trainer, pl_module, data, strategy, context)
+    if result.plan is None:
+        raise PrunekitError(f"strategy {strategy.name} decided no plan")
+    _callbacks(trainer, "on_calibration_end", pl_module, strategy)
+    _callbacks(trainer, "on_plan", pl_module, result.plan)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- sequential
+class _LayerInputCatcher:
+    """Records, per calibration batch, the hidden states entering layer 0 and each layer's own arguments.
+
+    Models compute per-layer keyword arguments (Gemma 3 gives sliding and full attention layers their own
+    mask and rotary embeddings), so each layer's arguments are recorded as the model passes them. Layer 0 runs
+    for real; later layers are replaced by pass-throughs while catching (their inputs are recomputed layer by
+    layer later), and the last one stops the forward, so the catch pass costs about one layer of compute.
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.hidden: list[torch.Tensor] = []
+        self.batches: list[Batch] = []
+        self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+        self._returns_tuple = False
+        self._handles = [layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True)
+                         for i, layer in enumerate(layers)]
+        self._handles.append(layers[0].register_forward_hook(self._note_output_type))
+        for layer in list(layers)[1:]:
+            layer.forward = self._pass_through  # instance attribute shadows the class's forward
+
+    def _pre_hook(self, index: int):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                self.hidden.append(h.detach())
+            rest = (None, *args[1:]) if args else ()
+            self.calls[index].append((_detached(rest), _detached({k: v for k, v in kwargs.items() if k != "hidden_states"})))
+            if index == len(self.layers) - 1:
+                raise _StopForward
+        return hook
+
+    def _note_output_type(self, module, args, output) -> None:
+        self._returns_tuple = isinstance(output, tuple)
+
+    def _pass_through(self, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if self._returns_tuple else h
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for layer in list(self.layers)[1:]:
+            layer.__dict__.pop("forward", None)
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run a decoder layer on ``hidden`` with its recorded arguments; return the output hidden states."""
+    out = layer(hidden, *args[1:], **kwargs) if args else layer(hidden_states=hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _detached(obj: Any) -> Any:
+    """Detach tensors (and tensors inside tuples/dicts) so cached layer inputs hold no graph."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detached(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detached(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
