@@ -151,16 +151,18 @@ def _error_cause(e: BaseException) -> str | None:
 
 
 def _parser_message(text: str) -> str:
-    """jsonargparse's error, without the listing of every subclass it tried."""
-    lines = [l.rstrip() for l in text.strip().splitlines() if l.strip()]
-    if not lines:
-        return "invalid arguments"
-    first = lines[0]
-    if "strategy" in first and ("class_path" in text or "Expected a dict" in text or "init_args" in text):
-        return (f"{first} — name the pruning method first (--strategy NAME, or strategy: class_path in a --config "
-                "file) before its options (--strategy.OPTION VALUE); prunekit strategies lists the methods")
-    detail = next((l.strip() for l in lines[1:] if "Expected" in l or "invalid" in l.lower() or "Not a" in l), None)
-    return f"{first} ({detail})" if detail and detail not in first else first
+    """jsonargparse's error in one line: which option, what it got, what it needs — not the nested listing of
+    every type and subclass it tried."""
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    given = re.findall(r"Given value: (.*)", text)
+    expected = [t for t in dict.fromkeys(re.findall(r"Expected a <class '([^']+)'>", text)) if t != "NoneType"]
+    if keys and given and "NestedArg" not in given[0]:
+        need = f"a {' or '.join(expected)}" if expected else "another value"
+        return f"--{'.'.join(keys)}: got {given[0]!r}, which is not {need}"
+    lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+    return lines[0] if lines else "invalid arguments"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,10 +33,11 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, source: str | None
         parent = parent.parent
     if not parent.is_dir():
         raise PrunekitError(f"cannot create output folder {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PrunekitError(f"cannot write output folder {out}: {parent} is not writable; choose another --output_dir")
-    if out.exists() and not os.access(out.parent, os.W_OK | os.X_OK):
-        raise PrunekitError(f"cannot replace {out}: {out.parent} is not writable")
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here (root included)
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise PrunekitError(f"cannot write output folder {out}: {parent} is not writable ({e.strerror}); choose "
+                            "another --output_dir") from None
     return out
 
 

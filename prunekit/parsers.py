@@ -113,7 +113,14 @@ class PruneCLI(BaseCLI):
                             help="Accept --statistics whose fingerprint does not match this model or data.")
 
     def before_instantiate_classes(self) -> None:
+        from prunekit import registry
+        from prunekit.errors import PrunekitError
+
         c = self.config
+        if c.strategy is None or c.strategy.class_path in ("prunekit.strategy.PruningStrategy", None):
+            raise PrunekitError("no pruning method: name the pruning method first (--strategy NAME, or strategy: "
+                                f"class_path in a --config file), then its options; methods: "
+                                f"{', '.join(registry.available())}")
         if not c.get("output_dir"):
             what = c.strategy.init_args.get("pattern", "unstructured")
             if what == "unstructured":

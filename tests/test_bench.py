@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from prunekit.bench import matmul_macs_per_token
 from prunekit.cli import main
-from prunekit.export import save_pruned
+from prunekit.realize.cuts import save_cut as save_pruned
 from prunekit.surgery import cut_attention_heads, cut_mlp_channels
 
 
