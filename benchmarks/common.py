@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,8 +49,27 @@ def run(args: list[str], out: Path, progress: Progress | None = None, reuse: boo
         return json.loads((out / "metrics.json").read_text())
     cmd = [prunekit(), *args, "--output_dir", str(out), "--trainer.logger", "false"]
     print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=out.parent)
+    command(cmd[1:], cwd=out.parent)
     return json.loads((out / "metrics.json").read_text())
+
+
+def command(args: list[str], cwd: Path | None = None) -> None:
+    """``prunekit <args>`` in a fresh process (what the figures need: each run's own peak memory, no shared
+    allocator), or in this one with ``PRUNEKIT_BENCH_IN_PROCESS=1`` (the scripts' smoke tests, where a process
+    per step proves nothing and costs its start-up)."""
+    if os.environ.get("PRUNEKIT_BENCH_IN_PROCESS") == "1":
+        from prunekit.cli import main
+
+        here = os.getcwd()
+        os.chdir(cwd or here)
+        try:
+            code = main(list(args))
+        finally:
+            os.chdir(here)
+        if code:
+            raise SystemExit(f"prunekit {' '.join(args)} failed with exit code {code}")
+        return
+    subprocess.run([prunekit(), *args], check=True, cwd=cwd)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -108,7 +107,7 @@ def main() -> None:
         progress.step("bench")
         if args.bench:
             print("$", " ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, check=True)
+            common.command(cmd[1:])
             speed = {r["model"]: r for r in json.loads(bench_out.read_text())}
     for row in rows:
         key = Path(args.model).name if row["method"] == "dense" else f"{row['method']}-{row['allocation']}-{int(round(row['ratio'] * 100))}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +63,7 @@ def main() -> None:
                "--repeats", str(args.repeats), "--output", str(bench_out)]
         progress.step("bench")
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
+        common.command(cmd[1:])
         speed = json.loads(bench_out.read_text())
     dense_name = Path(args.model).name
     dense_row = {"method": "dense", "structure": "-", "ratio": 0.0, "folder": dense_name,

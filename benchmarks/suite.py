@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ def main() -> None:
                "--output", str(bench_out)]
         progress.step("bench")
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
+        common.command(cmd[1:])
         speed = {r["model"]: r for r in json.loads(bench_out.read_text())}
     dense_name = Path(args.model).name
     task_names = sorted(evaluations["dense"].get("tasks", {}).get("tasks", {}))

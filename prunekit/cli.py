@@ -39,15 +39,15 @@ class Command:
 
 BUILTIN = (
     Command("prune", "calibrate, prune, evaluate and save a model", "prunekit.jobs:prune", "prunekit.parsers:PruneCLI",
-            ("prunekit prune --config configs/wanda.yaml",
-             "prunekit prune --config configs/wanda.yaml --strategy.sparsity 0.6 --output_dir runs/wanda-60",
-             "prunekit prune --strategy sparsegpt --strategy.pattern 2:4 --output_dir runs/sgpt-24")),
+            ("prunekit prune --config configs/METHOD.yaml            (one YAML per method in configs/)",
+             "prunekit prune --strategy NAME --strategy.sparsity 0.6 --output_dir runs/pruned",
+             "prunekit prune --strategy.help NAME                     (a method's options)")),
     Command("eval", "perplexity and lm-eval tasks of a model or pruned folder", "prunekit.jobs:evaluate",
             "prunekit.parsers:EvalCLI",
-            ("prunekit eval --model runs/wanda-60",
-             "prunekit eval --model runs/wanda-60 --tasks [perplexity,seap7] --limit 200")),
+            ("prunekit eval --model runs/pruned",
+             "prunekit eval --model runs/pruned --tasks [perplexity,piqa,arc_easy] --limit 200")),
     Command("bench", "prefill/decode tokens/s of a model vs pruned folders", "prunekit.cli:run_bench", None,
-            ("prunekit bench --model smollm2-135m --pruned [runs/flap-20]",)),
+            ("prunekit bench --model smollm2-135m --pruned [runs/pruned]",)),
     Command("strategies", "list the registered pruning methods (--strategy NAME)", "prunekit.cli:run_strategies"),
 )
 

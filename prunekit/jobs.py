@@ -99,6 +99,7 @@ def prune(cli) -> dict:
 
     # 1. check everything cheap before any heavy work
     strategy.check(model)
+    dm.check_model(model.config)
     data_settings = dm.describe()
     sources, pipeline, notes = None, None, []
     dense_print = saved_stats.model_fingerprint(model) if (c.statistics or c.save_statistics) else None
@@ -119,7 +120,6 @@ def prune(cli) -> dict:
     elif strategy.pipeline != "none":
         dm.calibration_sequences()
         sources = dm.calibration_sources()
-    dm.check_model(model.config)
     dm.evaluation_windows()
     for note in notes:
         print(note, flush=True)

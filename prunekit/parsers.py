@@ -138,8 +138,8 @@ class EvalCLI(BaseCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--tasks", type=list[str], default=["perplexity"],
-                            help="perplexity, lm-eval tasks (piqa, arc_easy, …, mmlu, gsm8k) or groups (seap7, "
-                                 "zeroshot); see README 'Zero-shot tasks'.")
+                            help="perplexity, lm-eval tasks (piqa, arc_easy, …, mmlu, gsm8k) or task groups; see "
+                                 "README 'Zero-shot tasks'.")
         parser.add_argument("--limit", type=int | float | None, default=None,
                             help="First N evaluation documents per task (a fraction if below 1).")
         parser.add_argument("--num_fewshot", type=int | None, default=None,

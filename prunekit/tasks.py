@@ -57,10 +57,19 @@ MMLU_SUBJECTS = sorted(s for subjects in MMLU_CATEGORIES.values() for s in subje
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa", "boolq", "copa", "gsm8k",
          *(f"mmlu_{s}" for s in MMLU_SUBJECTS))
-GROUPS = {  # names --tasks accepts besides single tasks; mmlu and its categories are lm-eval groups
-    "seap7": ["winogrande", "openbookqa", "hellaswag", "piqa", "arc_easy", "arc_challenge", "boolq"],
-    "zeroshot": ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa", "boolq", "copa"],
-}
+def _groups() -> dict[str, list[str]]:
+    """prunekit's task groups (names ``--tasks`` accepts besides single tasks), read from the group YAMLs of
+    ``lm_tasks/`` (``_<group>.yaml``, lm-eval's group format, so ``lm_eval --include_path`` knows them too)."""
+    import yaml
+
+    out = {}
+    for path in sorted(TASK_DIR.glob("_*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        out[spec["group"]] = list(spec["task"])
+    return out
+
+
+GROUPS = _groups()  # mmlu and its categories are lm-eval groups of their own (LM_EVAL_GROUPS)
 LM_EVAL_GROUPS = ("mmlu", *(f"mmlu_{c}" for c in MMLU_CATEGORIES))
 RESERVE_MODULUS = 10
 

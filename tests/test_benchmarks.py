@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_suite_writes_table_json_and_plots_with_progress(tiny_llama, tmp_path):
     out = tmp_path / "results"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PRUNEKIT_BENCH_IN_PROCESS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--model", str(tiny_llama),
                         "--methods", "wanda", "flap", "--ratios", "0.5", "--tasks", "copa", "--limit", "3",
                         "--num_samples", "4", "--seq_len", "32", "--eval_samples", "2", "--repeats", "1",
@@ -47,7 +47,7 @@ def test_seap_benchmark_shares_one_calibration_and_resumes(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seap.py"), "--model", str(model), "--methods", "seap",
            "seap-gen", "--ratios", "0.2", "--limit", "2", "--num_prompts", "4", "--num_samples", "4", "--seq_len",
            "64", "--eval_samples", "2", "--no-bench", "--work", str(work), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PRUNEKIT_BENCH_IN_PROCESS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "seap-logistic-20" / "statistics.safetensors").is_file()

@@ -12,26 +12,35 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prunekit.cli import main
+
 pytestmark = pytest.mark.slow
 
 
-def _prune(model: Path, out: Path, strategy: list[str], processes: int) -> None:
-    args = [str(Path(sys.executable).with_name("prunekit")), "prune", "--model", str(model), *strategy,
-            "--data.seq_len", "64", "--data.num_samples", "7", "--data.eval_samples", "3",
-            "--save_statistics", "true", "--output_dir", str(out)]
-    if processes > 1:
-        args += ["--trainer.strategy", "ddp", "--trainer.devices", str(processes)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(args, capture_output=True, text=True, cwd=out.parent, env=env, timeout=600)
+def _run(args: list[str], cwd: Path, processes: int) -> None:
+    """One process in this one (nothing extra to prove in a subprocess); several through the installed command,
+    as Lightning's DDP launcher starts the other ranks by running the command again."""
+    if processes == 1:
+        os.chdir(cwd)
+        assert main(args) == 0
+        return
+    cmd = [str(Path(sys.executable).with_name("prunekit")), *args, "--trainer.strategy", "ddp",
+           "--trainer.devices", str(processes)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [["--strategy", "wanda"], ["--strategy", "sparsegpt", "--strategy.mode", "all-at-once"]],
-    ids=["wanda-sequential", "sparsegpt-all-at-once"],
-)
-def test_two_processes_equal_one(tiny_llama, tmp_path, strategy):
+def _prune(model: Path, out: Path, strategy: list[str], processes: int) -> None:
+    _run(["prune", "--model", str(model), *strategy, "--data.seq_len", "64", "--data.num_samples", "7",
+          "--data.eval_samples", "3", "--save_statistics", "true", "--output_dir", str(out)], out.parent, processes)
+
+
+def test_two_processes_equal_one(tiny_llama, tmp_path, monkeypatch):
+    """Sequential Wanda: every layer's statistics are reduced before that layer is pruned (the all-at-once and
+    gradient pipelines are checked the same way by the SEAP test below and tests/test_plugin.py)."""
+    monkeypatch.chdir(tmp_path)
+    strategy = ["--strategy", "wanda"]
     one, two = tmp_path / "one", tmp_path / "two"
     _prune(tiny_llama, one, strategy, 1)
     _prune(tiny_llama, two, strategy, 2)
@@ -54,41 +63,31 @@ def test_two_processes_equal_one(tiny_llama, tmp_path, strategy):
     assert m2["pruned"]["perplexity"] == pytest.approx(m1["pruned"]["perplexity"], rel=1e-5)
 
 
-def test_activation_profiles_two_processes_equal_one(tiny_llama, tmp_path):
+def test_activation_profiles_two_processes_equal_one(tiny_llama, tmp_path, monkeypatch):
     """Each prompt is seen by one process; the per-dimension sums are reduced, so the profiles agree."""
+    monkeypatch.chdir(tmp_path)
     outs = {}
     for processes in (1, 2):
         out = tmp_path / f"act{processes}"
-        args = [str(Path(sys.executable).with_name("prunekit")), "activations", "--model", str(tiny_llama),
-                "--tasks", "[copa, winogrande]", "--data.num_samples", "7", "--data.seq_len", "48",
-                "--trainer.logger", "false", "--output_dir", str(out)]
-        if processes > 1:
-            args += ["--trainer.strategy", "ddp", "--trainer.devices", str(processes)]
-        r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert r.returncode == 0, r.stderr[-4000:]
+        _run(["activations", "--model", str(tiny_llama), "--tasks", "[copa, winogrande]", "--data.num_samples", "7",
+              "--data.seq_len", "48", "--trainer.logger", "false", "--output_dir", str(out)], tmp_path, processes)
         outs[processes] = load_file(str(out / "activations.safetensors"))
     assert outs[1].keys() == outs[2].keys() and len(outs[1]) == 4
     for key in outs[1]:
         torch.testing.assert_close(outs[2][key], outs[1][key], rtol=1e-6, atol=0, msg=key)
 
 
-def test_seap_per_task_statistics_and_experts_two_processes_equal_one(tiny_llama, tmp_path):
+def test_seap_per_task_statistics_and_experts_two_processes_equal_one(tiny_llama, tmp_path, monkeypatch):
     """Per-source (per-task) statistics reduce across processes like the others: same statistics, same plans."""
+    monkeypatch.chdir(tmp_path)
     outs = {}
     for processes in (1, 2):
         out = tmp_path / f"seap{processes}"
-        args = [str(Path(sys.executable).with_name("prunekit")), "prune", "--model", str(tiny_llama),
-                "--strategy", "seap", "--strategy.tasks", "[all]",
-                "--strategy.allocation", "uniform", "--strategy.sparsity", "0.3", "--save_statistics", "true",
-                "--data.corpus", "task", "--data.corpus_options", "{tasks: [copa, winogrande]}",
-                "--data.packing", "documents", "--data.num_samples", "5", "--data.seq_len", "48",
-                "--data.eval_samples", "2", "--strategy.router", "false", "--output_dir", str(out)]
-        if processes > 1:
-            args += ["--trainer.strategy", "ddp", "--trainer.devices", str(processes)]
-        r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert r.returncode == 0, r.stderr[-4000:]
+        _run(["prune", "--model", str(tiny_llama), "--strategy", "seap", "--strategy.tasks", "[all]",
+              "--strategy.allocation", "uniform", "--strategy.sparsity", "0.3", "--save_statistics", "true",
+              "--data.corpus", "task", "--data.corpus_options", "{tasks: [copa, winogrande]}",
+              "--data.packing", "documents", "--data.num_samples", "5", "--data.seq_len", "48",
+              "--data.eval_samples", "2", "--strategy.router", "false", "--output_dir", str(out)], tmp_path, processes)
         outs[processes] = out
     plans = [json.loads((outs[p] / "prunekit_plans.json").read_text())["members"] for p in (1, 2)]
     assert plans[0] == plans[1] and set(plans[0]) == {"copa", "winogrande"}

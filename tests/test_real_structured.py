@@ -84,7 +84,8 @@ def test_flap_and_wanda_sp_reload_in_a_fresh_process_with_identical_logits(dm, t
             f"    for name in {plain!r}:\n"
             "        out['plain-' + name] = AutoModelForCausalLM.from_pretrained(sys.argv[1] + '/' + name)(ids).logits\n"
             "torch.save(out, sys.argv[1] + '/out.pt')\n")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # bitwise: same threads
     out = torch.load(tmp_path / "out.pt")
     for name in CASES:
         torch.testing.assert_close(out[name], expected[name], rtol=0, atol=0, msg=name)

@@ -70,17 +70,26 @@ def make_model(family: str, folder: Path, seed: int = 0, layers: int | None = No
 
 
 def run_with_wandb_offline(args: list[str], tmp_path: Path) -> Path:
-    """``prunekit <args>`` in a fresh process with configs/wandb.yaml in offline mode; the W&B run folder."""
+    """``prunekit <args>`` (in this process) with configs/wandb.yaml in offline mode; the W&B run folder."""
     import os
-    import subprocess
-    import sys
 
-    exe = Path(sys.executable).with_name("prunekit")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    r = subprocess.run([str(exe), *args, "--config", str(Path(__file__).parents[1] / "configs" / "wandb.yaml"),
-                        "--trainer.logger.init_args.save_dir", str(tmp_path / "wb")],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    from prunekit.cli import main
+
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code = main([*args, "--config", str(Path(__file__).parents[1] / "configs" / "wandb.yaml"),
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "wb")])
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert code == 0
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     return runs[0]
