@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/prunekit prune --config configs/quickstart.yaml --output_dir runs/quickstart --overwrite true
 
+# Two pytest workers (one thread each, tests/conftest.py): the suite is mostly single-threaded tiny models and
+# process start-ups, so two workers use both cores; real-model and slow modules are scheduled first.
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n 2 --dist loadscope tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -n 2 -m "not real and not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/unstructured.py

@@ -15,6 +15,7 @@ from prunekit.realize.cuts import save_cut as save_pruned
 from prunekit.surgery import cut_attention_heads, cut_mlp_channels
 
 
+@pytest.mark.slow
 def test_bench_dense_vs_cut(tiny_llama, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     dense_macs = matmul_macs_per_token(model)

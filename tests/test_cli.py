@@ -190,6 +190,7 @@ def test_wandb_offline_logging(tiny_llama, tmp_path):
     assert media and (tmp_path / "out" / "layer_profile.png").is_file()
 
 
+@pytest.mark.slow
 def test_installed_command_shows_labelled_progress_on_stderr(tiny_llama, tmp_path):
     """The console script (the one subprocess run of ``prune``): Lightning's bars say what they measure and go
     to stderr, the results to stdout; a task-prompt corpus is fed one prompt per forward pass."""

@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from prunekit.tasks import TASK_DIR
 
 BIN = Path(sys.executable).parent  # the venv's bin: lm_eval sits next to python
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_offline(tiny_llama, tmp_path):
     include = subprocess.run([sys.executable, "-m", "prunekit.lm_tasks"], capture_output=True, text=True,
                              check=True).stdout.strip()

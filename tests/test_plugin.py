@@ -98,6 +98,7 @@ def _direct_gradients(folder: Path, examples) -> tuple[torch.Tensor, torch.Tenso
     return saliency, torch.stack(records)
 
 
+@pytest.mark.slow
 def test_gradient_strategy_with_per_example_records_end_to_end(plugin, tiny_llama, tmp_path):
     """grad-probe through the CLI: the loss on each COPA example's gold answer only; weight-gradient sums and
     per-example head records equal plain autograd, and two processes give the same records and plan."""
@@ -126,6 +127,7 @@ def test_gradient_strategy_with_per_example_records_end_to_end(plugin, tiny_llam
     assert plans[0] == plans[1] and plans[0][0]["mlp_channels"] == 128 - 32
 
 
+@pytest.mark.slow
 def test_runtime_policy_strategy_end_to_end(plugin, tiny_llama, tmp_path):
     """topk-runtime: the runtime is installed by the realizer, saved and installed again by load_pruned; the
     loaded model computes the per-token top-k exactly, generates with the KV cache, evaluates through the CLI,
