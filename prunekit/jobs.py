@@ -308,14 +308,21 @@ def evaluate(cli) -> dict:
         for name in tasks:
             of(realized).member_for_task(realized, name)
     start = time.perf_counter()
-    result: dict[str, Any] = {"model": module.model_name, **parameter_counts(module.model),
-                              "sparsity": summarize_sparsity(sparsity_rows(module.model))["sparsity_linear"]}
+    sparsity = summarize_sparsity(sparsity_rows(module.model))["sparsity_linear"]
+    result: dict[str, Any] = {"model": module.model_name, **parameter_counts(module.model), "sparsity": sparsity,
+                              "pruned_fraction": sparsity}  # zeros: a cut folder's dense size is not known here
     if "perplexity" in names:
+        from prunekit.realize.base import linear_totals, static_report
+
         dm.check_model(module.model.config)
+        dense = linear_totals(module.model)  # a plan set's members are measured against its dense model
         scores = {}
         for label, model in evaluation_models(realized):
-            scores[label] = {**parameter_counts(model), "perplexity": perplexity(
+            row = {**parameter_counts(model), "perplexity": perplexity(
                 trainer, model, dm, f"perplexity{': ' + label if label else ''}")}
+            if label:
+                row["pruned_fraction"] = static_report(model, dense)["pruned_fraction"]
+            scores[label] = row
         result.update({"eval_windows": int(dm.evaluation_windows().shape[0]), "seq_len": dm.seq_len,
                        "eval_corpus": dm.eval_corpus})
         if "" in scores:
