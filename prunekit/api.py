@@ -43,23 +43,25 @@ def default_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
-def plan(strategy, model, data=None, trainer: pl.Trainer | None = None, context=None):
-    """Calibrate and decide: the strategy's ``Calibration`` (plan + observations). ``model``: a zoo name or
-    folder, an ``nn.Module`` or a ``PrunableLM``. The sequential pipeline realizes each layer as it goes."""
+def plan(strategy, model, data=None, trainer: pl.Trainer | None = None, context=None, keep: bool = True):
+    """Calibrate and decide: the strategy's ``Calibration`` (plan + observations, unless ``keep=False``).
+    ``model``: a zoo name or folder, an ``nn.Module`` or a ``PrunableLM``. The sequential pipeline realizes each
+    layer as it goes."""
     from prunekit.pipeline import calibrate, context_for
 
     module = _module(model)
     trainer = trainer or default_trainer()
     tokenizer = getattr(data, "tokenizer", None) if data is not None and getattr(data, "tokenizer_name", None) else None
     context = context or context_for(trainer, data, tokenizer, getattr(data, "seed", 0))
-    return calibrate(trainer, module, data, strategy, context), module
+    return calibrate(trainer, module, data, strategy, context, keep=keep), module
 
 
-def prune(strategy, model, data=None, trainer: pl.Trainer | None = None, context=None) -> Outcome:
+def prune(strategy, model, data=None, trainer: pl.Trainer | None = None, context=None,
+          keep: bool = True) -> Outcome:
     """Calibrate, decide and realize (in place where the plan kind allows)."""
     from prunekit.realize import realizer_for
 
-    calibration, module = plan(strategy, model, data, trainer, context)
+    calibration, module = plan(strategy, model, data, trainer, context, keep)
     tokenizer = getattr(data, "tokenizer", None) if data is not None and getattr(data, "tokenizer_name", None) else None
     realized = realizer_for(calibration.plan).apply(module.model, calibration.plan, tokenizer=tokenizer)
     return Outcome(realized, calibration.plan, calibration)

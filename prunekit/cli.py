@@ -53,14 +53,21 @@ BUILTIN = (
 
 
 def commands() -> dict[str, Command]:
-    """Built-in commands, then those registered in the entry-point group ``prunekit.commands``."""
+    """Built-in commands, then those registered in the entry-point group ``prunekit.commands`` (a broken entry
+    point is reported on stderr and skipped, so it cannot take the other commands down)."""
     found = {c.name: c for c in BUILTIN}
     for ep in entry_points(group="prunekit.commands"):
-        if ep.name not in found:
+        if ep.name in found:
+            continue
+        try:
             command = ep.load()
-            if not isinstance(command, Command):
-                raise PrunekitError(f"entry point prunekit.commands:{ep.name} is not a prunekit.cli.Command")
-            found[ep.name] = command
+        except Exception as e:  # noqa: BLE001 - a third-party package's import error
+            print(f"prunekit: skipping command {ep.name!r} ({ep.value}): {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        if type(command).__name__ != "Command" or not all(hasattr(command, a) for a in ("name", "run", "summary")):
+            print(f"prunekit: skipping command {ep.name!r}: {ep.value} is not a prunekit.cli.Command", file=sys.stderr)
+            continue
+        found[ep.name] = command
     return found
 
 
@@ -128,8 +135,17 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_STOPPING: list[int] = []
+
+
 def _on_signal(signum, frame) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one clean unwind; further signals do not interrupt it
+    """The first SIGINT/SIGTERM unwinds the run (every phase cleans up as it goes); later ones are ignored, so
+    they cannot interrupt the clean-up — whoever re-installs handlers meanwhile (Lightning does)."""
+    if _STOPPING:
+        return
+    _STOPPING.append(signum)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -178,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = table[command]
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _STOPPING.clear()
     for s in previous:
         signal.signal(s, _on_signal)
     try:
@@ -191,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _load(spec.run)(rest)
     except Interrupted as stop:
+        from prunekit.export import WRITTEN
+
         name = signal.Signals(stop.signum).name
-        print(f"prunekit {command}: stopped by {name}; nothing was written", file=sys.stderr)
+        done = f"{', '.join(map(str, WRITTEN))} was written in full before it" if WRITTEN else "nothing was written"
+        print(f"prunekit {command}: stopped by {name}; {done}", file=sys.stderr)
         return 128 + stop.signum
     except SystemExit as e:  # --help, --print_config
         return e.code if isinstance(e.code, int) else 0
@@ -208,5 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m prunekit.cli: the installed module, so plugins see the same classes
+    from prunekit.cli import main as installed_main
+
+    sys.exit(installed_main())

@@ -18,12 +18,18 @@ from pathlib import Path
 from prunekit.errors import PrunekitError
 
 
+WRITTEN: list[Path] = []  # output folders this process has put in place (for what a stopped command reports)
+
+
 def check_output_dir(output_dir: str | Path, overwrite: bool, source: str | None = None) -> Path:
     """Refuse an existing folder unless ``overwrite``, the source model's folder, and a location that cannot be
     written — before any heavy work."""
     out = Path(output_dir).expanduser().resolve()
-    if source is not None and Path(source).expanduser().exists() and Path(source).expanduser().resolve() == out:
-        raise PrunekitError(f"output folder {out} is the source model's folder; the source is never overwritten")
+    if source is not None and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if src == out or out in src.parents or src in out.parents:
+            raise PrunekitError(f"output folder {out} is, contains or lies inside the source model's folder {src}; "
+                                "the source is never written to: choose another --output_dir")
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"output path {out} exists and is not a folder")
     if out.exists() and not overwrite:
@@ -76,13 +82,14 @@ def write_atomically(output_dir: str | Path, overwrite: bool, write: Callable[[P
         else:
             tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if trash is not None and (trash / out.name).exists() and not out.exists():
-            (trash / out.name).rename(out)  # put the previous folder back
+            (trash / out.name).rename(out)  # put the previous folder back first
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if trash is not None:
+        if trash is not None and out.exists():  # only once the output (new or restored) is in place
             shutil.rmtree(trash, ignore_errors=True)
+    WRITTEN.append(out)
     return out
 
 

@@ -103,6 +103,13 @@ def prune(cli) -> dict:
     data_settings = dm.describe()
     sources, pipeline, notes = None, None, []
     dense_print = saved_stats.model_fingerprint(model) if (c.statistics or c.save_statistics) else None
+    if c.force and not c.statistics:
+        raise PrunekitError("--force only accepts --statistics of another model or data; there is no --statistics")
+    if (c.statistics or c.save_statistics) and strategy.pipeline == "none":
+        raise PrunekitError(f"{strategy.name} observes nothing (a data-free method): drop --statistics / "
+                            "--save_statistics")
+    if c.statistics and c.save_statistics:
+        raise PrunekitError("--save_statistics with --statistics would only copy the file it reads; drop one")
     if c.statistics:
         if strategy.pipeline not in ("all-at-once", "gradient"):
             raise PrunekitError(f"--statistics replaces a pass over the dense model, but {strategy.name} runs the "
@@ -125,7 +132,8 @@ def prune(cli) -> dict:
         print(note, flush=True)
 
     dense_totals = linear_totals(model)
-    result: dict[str, Any] = {"model": module.model_name, **strategy.describe(), "pipeline": strategy.pipeline,
+    result: dict[str, Any] = {"model": module.model_name, **strategy.describe(),
+                              "pipeline": "statistics" if c.statistics else strategy.pipeline,
                               "data": {**data_settings, "eval_corpus": dm.eval_corpus,
                                        "eval_windows": int(dm.evaluation_windows().shape[0])},
                               "world_size": trainer.world_size}
@@ -142,7 +150,8 @@ def prune(cli) -> dict:
     # 2. calibrate and decide, 3. realize
     t = time.perf_counter()
     context = Context(sources, dm.tokenizer, dm.seed, trainer.is_global_zero, trainer.world_size)
-    calibration = calibrate(trainer, module, dm if pipeline is None else None, strategy, context, pipeline)
+    calibration = calibrate(trainer, module, dm if pipeline is None else None, strategy, context, pipeline,
+                            keep=c.save_statistics)
     plan = calibration.plan
     realizer = realizer_for(plan)
     realized = realizer.apply(model, plan, tokenizer=dm.tokenizer)
@@ -189,8 +198,6 @@ def prune(cli) -> dict:
             for path in images.values():
                 shutil.copy(path, tmp / Path(path).name)
             if c.save_statistics:
-                if not calibration.observers:
-                    raise PrunekitError(f"--save_statistics: {strategy.name} observed nothing to save")
                 meta = {"strategy": strategy.name, "pipeline": calibration.pipeline, "sources": sources,
                         "model": module.model_name, "model_fingerprint": dense_print,
                         "data_fingerprint": dm.fingerprint(), "data": dm.describe()}

@@ -98,7 +98,8 @@ class Observer:
         module: full module name inside the model (``model.layers.3.mlp.down_proj``).
         statistics: ``{name: Statistic class or factory(features)}``.
         where: ``input`` (first positional argument or ``hidden_states``), ``output`` (first element of a tuple
-            output) or ``weight`` (the module's weight as (out, in), read after the backward pass).
+            output) or ``weight`` (the module's weight as (out, in), read after each batch — after the backward
+            pass on the gradient pipeline; on the sequential pipeline, after each batch through its layer).
         grad: also read ∂L/∂(that tensor); the statistics then see ``transform(x, g, batch)``, or ``g`` itself
             without a transform. Needs the gradient pipeline.
         transform: ``(x, g, batch) -> tensor`` fed to the statistics; per-example records expect a leading
@@ -188,7 +189,7 @@ class Observer:
         if x is None:
             raise PrunekitError(f"cannot read the {self.where} of {self.module_name}")
         if self.check:
-            check_finite(x, self.module_name)
+            check_finite(x, self.module_name, self.where)
         if not self.grad:
             self.feed(x.detach(), None)
         elif x.requires_grad:
@@ -198,8 +199,9 @@ class Observer:
             raise PrunekitError(f"observer of {self.module_name} needs gradients, but its {self.where} has none: "
                                 "run it on the gradient pipeline")
 
-    def after_backward(self) -> None:
-        """Weight observers: read the weight (as (out, in)) and its gradient once the backward pass is done."""
+    def after_batch(self) -> None:
+        """Weight observers: read the weight (as (out, in)) — and its gradient, once the backward pass is done —
+        after every batch (the ``ObserverSet`` clears the gradients once every observer has read them)."""
         if self.where != "weight":
             return
         w = self._module.weight
@@ -209,7 +211,6 @@ class Observer:
             if w.grad is None:
                 raise PrunekitError(f"{self.module_name}.weight received no gradient: it does not reach the loss")
             grad = w.grad.detach().t() if self._transposed else w.grad.detach()
-            w.grad = None
         self.feed(value, grad)
 
     def feed(self, x: torch.Tensor, g: torch.Tensor | None) -> None:
@@ -227,10 +228,18 @@ class Observer:
         """Combine every process' statistics in place; then add per-source totals."""
         for stat in self.stats.values():
             stat.reduce(comm)
-        if self.per_source:
-            for name, factory in self.factories.items():
-                parts = [self.stats[f"{name}@{s}"] for s in self.sources]
-                self.stats[name] = parts[0].combined(parts)
+        self.add_totals()
+
+    def add_totals(self) -> None:
+        """Per-source observers: each statistic over all sources (in source order, the same on every process)."""
+        if not self.per_source:
+            return
+        for name, factory in self.factories.items():
+            first = self.stats[f"{name}@{self.sources[0]}"]
+            total = factory(first.features)
+            for source in self.sources:
+                total.absorb(self.stats[f"{name}@{source}"])
+            self.stats[name] = total
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every statistic's tensors, as ``"<stat>.<field>"``."""
@@ -285,9 +294,12 @@ class ObserverSet:
         for o in self.observers:
             o.begin(batch)
 
-    def after_backward(self) -> None:
+    def after_batch(self) -> None:
         for o in self.observers:
-            o.after_backward()
+            o.after_batch()
+        for o in self.observers:  # gradients are read by every observer of a weight before they go
+            if o.where == "weight" and o.grad:
+                o._module.weight.grad = None
 
     def reduce(self, comm: Comm) -> None:
         for o in self.observers:
@@ -297,10 +309,12 @@ class ObserverSet:
         out = Observed()
         for o in self.observers:
             for key in o.keys:
-                if key in out:
-                    out[key].update(o.stats)
-                else:
-                    out[key] = o.stats
+                group = out.setdefault(key, {})
+                for name, stat in o.stats.items():
+                    if name in group and group[name] is not stat:
+                        raise PrunekitError(f"two observers put a statistic {name!r} under the key {key!r}: give "
+                                            "them different keys or statistic names")
+                    group[name] = stat
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -327,10 +341,7 @@ class ObserverSet:
                         raise PrunekitError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, but this model "
                                             f"needs {tuple(t.shape)}: statistics of another model")
                     t.copy_(tensors[key])
-            if o.per_source:  # the totals are derived, as after a pass
-                for name in o.factories:
-                    parts = [o.stats[f"{name}@{s}"] for s in o.sources]
-                    o.stats[name] = parts[0].combined(parts)
+            o.add_totals()  # derived, as after a pass
 
 
 class Observed(dict):

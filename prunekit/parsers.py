@@ -124,7 +124,8 @@ class PruneCLI(BaseCLI):
         if not c.get("output_dir"):
             what = c.strategy.init_args.get("pattern", "unstructured")
             if what == "unstructured":
-                what = f"{c.strategy.init_args.get('sparsity') or 0.5:g}"
+                sparsity = c.strategy.init_args.get("sparsity")
+                what = f"{0.5 if sparsity is None else sparsity:g}"
             name = c.strategy.class_path.rsplit(".", 1)[-1].lower()
             c.output_dir = f"runs/{Path(c.model.model).name}-{name}-{what.replace(':', 'of')}"
         super().before_instantiate_classes()

@@ -82,6 +82,7 @@ class ObservePass(Pass):
                 self.model(input_ids=ids, use_cache=False)
             except _StopForward:
                 pass
+            self.observers.after_batch()
             return None
         with torch.enable_grad():
             handle = self.model.get_input_embeddings().register_forward_hook(
@@ -92,7 +93,7 @@ class ObservePass(Pass):
                 handle.remove()
             loss = token_loss(logits, ids, b.targets().to(ids.device))
             loss.backward()
-        self.observers.after_backward()
+        self.observers.after_batch()
         return None
 
 
@@ -136,7 +137,8 @@ class Context:
 
 @dataclass
 class Calibration:
-    """A pipeline's result: the plan, and the observers whose reduced state produced it."""
+    """A pipeline's result: the plan and — when the caller keeps them (``--save_statistics``, the Python API) —
+    the observers whose reduced state produced it."""
 
     plan: Any
     observers: list[ObserverSet] = field(default_factory=list)
@@ -178,15 +180,23 @@ def context_for(trainer: pl.Trainer, data, tokenizer=None, seed: int = 0) -> Con
 
 # ---------------------------------------------------------------------------------------------- pipelines
 class Pipeline:
-    """Base: ``run`` calibrates (or not) and returns the strategy's plan."""
+    """Base: ``run`` calibrates (or not) and returns the strategy's plan; ``keep``: return the observers too
+    (otherwise their statistics are released once the strategy has decided)."""
 
     name = "none"
     needs_data = False
+    gradient = False
 
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data, strategy, context: Context) -> Calibration:
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data, strategy, context: Context,
+            keep: bool = False) -> Calibration:
         model = pl_module.model
         plan = strategy.decide(model, ObserverSet().results(), None, context)
         return Calibration(plan, [], self.name)
+
+    def _check(self, observers: ObserverSet, strategy) -> None:
+        if observers.needs_grad and not self.gradient:
+            raise PrunekitError(f"strategy {strategy.name} observes gradients but runs the {self.name} pipeline: "
+                                "its pipeline must be 'gradient'")
 
 
 class AllAtOnce(Pipeline):
@@ -194,11 +204,10 @@ class AllAtOnce(Pipeline):
     needs_data = True
     gradient = False
 
-    def run(self, trainer, pl_module, data, strategy, context):
+    def run(self, trainer, pl_module, data, strategy, context, keep=False):
         model = pl_module.model
         observers = ObserverSet(list(strategy.observers(model, None)))
-        if self.gradient and not observers.needs_grad:
-            pass  # a loss-driven pass with forward observers only is still valid
+        self._check(observers, strategy)
         observers.build(model, context.sources)
         observers.attach()
         description = "calibration (forward + backward)" if self.gradient else "calibration"
@@ -209,7 +218,7 @@ class AllAtOnce(Pipeline):
             observers.detach()
         observers.reduce(comm(trainer))
         plan = strategy.decide(model, observers.results(), None, context)
-        return Calibration(plan, [observers], self.name)
+        return Calibration(plan, [observers] if keep else [], self.name)
 
 
 class Gradient(AllAtOnce):
@@ -222,7 +231,7 @@ class Sequential(Pipeline):
     needs_data = True
 
     @torch.no_grad()
-    def run(self, trainer, pl_module, data, strategy, context):
+    def run(self, trainer, pl_module, data, strategy, context, keep=False):
         from prunekit.arch import adapter_for
         from prunekit.progress import bar
         from prunekit.realize import realizer_for
@@ -242,24 +251,31 @@ class Sequential(Pipeline):
             layer, calls = layers[i], catcher.calls[i]
             observers = ObserverSet(list(strategy.observers(model, i)))
             if len(observers):
+                self._check(observers, strategy)
                 observers.build(model, context.sources)
                 observers.attach()
                 try:
                     for b, h, (args, kwargs) in zip(catcher.batches, hidden, calls):
                         observers.begin(b)
                         _call_layer(layer, h, args, kwargs)
+                        observers.after_batch()
                 finally:
                     observers.detach()
                 observers.reduce(reduce)
-                groups.append(observers)
+                if keep:
+                    groups.append(observers)
                 part = strategy.decide(model, observers.results(), i, context)
+                del observers  # this layer's statistics are done with (unless kept)
                 if part is not None:
-                    realizer_for(part).apply(model, part)  # the next layer is calibrated on the pruned one
+                    realizer = realizer_for(part)
+                    realizer.apply(model, part)  # the next layer is calibrated on the pruned one
+                    part = realizer.compact(model, part)
                     plan = part if plan is None else plan.merge(part)
             hidden = [_call_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, calls)]
             catcher.calls[i] = []
         if plan is None:
-            plan = strategy.decide(model, ObserverSet().results(), None, context)
+            raise PrunekitError(f"strategy {strategy.name} observed no layer on the sequential pipeline, so it "
+                                "decided nothing: check its modules/layers options")
         return Calibration(plan, groups, self.name)
 
 
@@ -271,13 +287,13 @@ class FromStatistics(Pipeline):
     def __init__(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         self.tensors, self.where = tensors, where
 
-    def run(self, trainer, pl_module, data, strategy, context):
+    def run(self, trainer, pl_module, data, strategy, context, keep=False):
         model = pl_module.model
         observers = ObserverSet(list(strategy.observers(model, None)))
         observers.build(model, context.sources)
         observers.load_state(self.tensors, self.where)
         plan = strategy.decide(model, observers.results(), None, context)
-        return Calibration(plan, [observers], self.name)
+        return Calibration(plan, [observers] if keep else [], self.name)
 
 
 PIPELINES: dict[str, type[Pipeline]] = {"none": Pipeline, "all-at-once": AllAtOnce, "sequential": Sequential,
@@ -285,19 +301,28 @@ PIPELINES: dict[str, type[Pipeline]] = {"none": Pipeline, "all-at-once": AllAtOn
 
 
 def calibrate(trainer: pl.Trainer, pl_module: pl.LightningModule, data, strategy, context: Context | None = None,
-              pipeline: Pipeline | None = None) -> Calibration:
-    """Run the strategy's pipeline (or ``pipeline``) and return its plan and observations.
+              pipeline: Pipeline | None = None, keep: bool = False) -> Calibration:
+    """Run the strategy's pipeline (or ``pipeline``) and return its plan — and, with ``keep``, its observers.
 
     With the ``sequential`` pipeline the model embodies the plan on return (each layer was realized before
     the next was calibrated); otherwise the model is untouched until the plan is realized.
     """
     strategy.check(pl_module.model)
+    if strategy.pipeline not in PIPELINES:
+        raise PrunekitError(f"strategy {strategy.name} asks for pipeline {strategy.pipeline!r}; pipelines: "
+                            f"{', '.join(PIPELINES)}")
+    if strategy.pipeline == "none" and pipeline is None and strategy.observers(pl_module.model, None):
+        raise PrunekitError(f"strategy {strategy.name} declares observers but its pipeline is 'none': set its "
+                            "pipeline (all-at-once, sequential or gradient)")
     pipeline = pipeline or PIPELINES[strategy.pipeline]()
     if pipeline.needs_data and data is None:
         raise PrunekitError(f"strategy {strategy.name} needs calibration data ({pipeline.name} pipeline)")
+    if pipeline.gradient and getattr(trainer.predict_loop, "inference_mode", False):
+        raise PrunekitError("the gradient pipeline needs a Trainer(inference_mode=False): Lightning's default "
+                            "inference mode turns gradients off")
     context = context or context_for(trainer, data)
     _callbacks(trainer, "on_calibration_start", pl_module, strategy)
-    result = pipeline.run(trainer, pl_module, data, strategy, context)
+    result = pipeline.run(trainer, pl_module, data, strategy, context, keep)
     if result.plan is None:
         raise PrunekitError(f"strategy {strategy.name} decided no plan")
     _callbacks(trainer, "on_calibration_end", pl_module, strategy)

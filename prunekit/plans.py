@@ -8,8 +8,9 @@ decide layer by layer), compared, saved and applied to another copy of the same 
   reconstruct the kept weights (SparseGPT's OBS update), their new values. Unstructured and N:M sparsity.
 - :class:`UnitCut`: per decoder layer, the query heads and MLP channels to remove, plus vectors to add to the
   consumer projections' biases (bias compensation). Physically smaller layers; per-layer widths.
-- :class:`PlanSet`: one plan per name (task experts) and optionally a :class:`Router` that picks the member
-  for a prompt. The dense weights are kept once; members are built on demand.
+- :class:`PlanSet`: one plan per name (task experts; ``UnitCut`` members are what its realizer builds and
+  saves) and optionally a :class:`Router` that picks the member for a prompt. The dense weights are kept once;
+  members are built on demand.
 - :class:`RuntimePolicy`: an input-dependent selection installed in the model (a :class:`Runtime`), on top of
   an optional static ``base`` plan.
 """

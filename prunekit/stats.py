@@ -69,13 +69,6 @@ class Statistic(ABC):
         for mine, theirs in zip(self.tensors().values(), other.tensors().values()):
             mine += theirs
 
-    def combined(self, parts: list["Statistic"]) -> "Statistic":
-        """A new statistic holding the tokens of all ``parts`` (in order): per-source totals."""
-        total = type(self)(self.features)
-        for part in parts:
-            total.absorb(part)
-        return total
-
 
 class ChannelSumSq(Statistic):
     """Σ x_j² per input channel j: ‖X_j‖₂² of the Wanda paper (Sun et al., 2023, Eq. 1)."""
@@ -164,8 +157,8 @@ class ChannelMoments(Statistic):
 class Sum(Statistic):
     """Σ of a per-token (or per-example) tensor of shape (..., *shape) over its leading dimensions, float64.
 
-    ``shape``: the trailing shape summed into (default ``(features,)``), e.g. ``(heads,)`` for a per-head
-    score; ``dims``: how many trailing dimensions belong to one item (default ``len(shape)``).
+    ``shape``: the trailing shape summed into (default ``(features,)``), e.g. ``(heads,)`` for a per-head score
+    (give it with a factory: ``lambda features: Sum(features, (heads,))``).
     """
 
     def __init__(self, features: int, shape: tuple[int, ...] | None = None) -> None:
@@ -181,12 +174,6 @@ class Sum(Statistic):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"total": self.total, "count": self.count}
 
-    def combined(self, parts: list["Statistic"]) -> "Statistic":
-        total = Sum(self.features, self.shape)
-        for part in parts:
-            total.absorb(part)
-        return total
-
     def mean(self) -> torch.Tensor:
         return self.total / self.count.clamp(min=1)
 
@@ -201,8 +188,15 @@ class Records(Statistic):
     def __init__(self, features: int = 0) -> None:
         super().__init__(features)
         self._items: list[tuple[int, torch.Tensor]] = []
-        self.index = torch.zeros(0, dtype=torch.long)
-        self.values = torch.zeros(0, dtype=torch.float64)
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self._stack()[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._stack()[1]
 
     def update(self, x: torch.Tensor, batch: Any = None) -> None:
         if batch is None:
@@ -214,14 +208,18 @@ class Records(Statistic):
         for i, row in zip(batch.index.tolist(), x):
             self._items.append((int(i), row.cpu().clone()))
         self.count += x.shape[0]
-        self._stack()
+        self._stacked = None
 
-    def _stack(self) -> None:
-        items = sorted(self._items, key=lambda item: item[0])
-        if len({i for i, _ in items}) != len(items):
-            raise PrunekitError("an example was recorded twice (the same index in two batches)")
-        self.index = torch.tensor([i for i, _ in items], dtype=torch.long)
-        self.values = torch.stack([v for _, v in items]) if items else torch.zeros(0, dtype=torch.float64)
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, values) ordered by example index, built once after the records change."""
+        if self._stacked is None:
+            items = sorted(self._items, key=lambda item: item[0])
+            if len({i for i, _ in items}) != len(items):
+                raise PrunekitError("an example was recorded twice (the same index in two batches)")
+            index = torch.tensor([i for i, _ in items], dtype=torch.long)
+            values = torch.stack([v for _, v in items]) if items else torch.zeros(0, dtype=torch.float64)
+            self._stacked = (index, values)
+        return self._stacked
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"index": self.index, "values": self.values, "count": self.count}
@@ -230,28 +228,23 @@ class Records(Statistic):
         parts = comm.gather_objects(self._items)
         self._items = [item for part in parts for item in part]
         self.count.fill_(len(self._items))
-        self._stack()
+        self._stacked = None
+        self._stack()  # refuses duplicates now, on every process alike
 
     def absorb(self, other: "Statistic") -> None:
         self._items += list(other._items)
         self.count += other.count
-        self._stack()
-
-    def combined(self, parts: list["Statistic"]) -> "Statistic":
-        total = Records(self.features)
-        for part in parts:
-            total.absorb(part)
-        return total
+        self._stacked = None
 
     def load(self, index: torch.Tensor, values: torch.Tensor) -> None:
         self._items = list(zip(index.tolist(), values))
         self.count.fill_(len(self._items))
-        self._stack()
+        self._stacked = None
 
 
-def check_finite(x: torch.Tensor, where: str) -> None:
+def check_finite(x: torch.Tensor, where: str, side: str = "input") -> None:
     if not torch.isfinite(x).all():
         raise PrunekitError(
-            f"non-finite activations (NaN/inf) at the input of {where}; the model overflows on this data in its "
+            f"non-finite activations (NaN/inf) at the {side} of {where}; the model overflows on this data in its "
             "dtype: load it in float32 (--model.dtype float32) or check the model weights"
         )

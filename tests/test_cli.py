@@ -96,10 +96,11 @@ def test_existing_output_needs_overwrite(tiny_llama, tmp_path, capsys):
 
 def test_output_dir_cannot_be_the_source(tiny_llama, capsys):
     before = _digest(tiny_llama)
-    args = ["prune", "--model", str(tiny_llama), "--strategy", "magnitude", *DATA, "--output_dir", str(tiny_llama)]
-    assert main([*args, "--overwrite", "true"]) == 2
-    assert "source model" in capsys.readouterr().err
-    assert _digest(tiny_llama) == before
+    for out in (tiny_llama, tiny_llama.parent, tiny_llama / "inside"):  # the folder, one containing it, one in it
+        args = ["prune", "--model", str(tiny_llama), "--strategy", "magnitude", *DATA, "--output_dir", str(out)]
+        assert main([*args, "--overwrite", "true"]) == 2
+        assert "source model's folder" in capsys.readouterr().err
+    assert _digest(tiny_llama) == before and not (tiny_llama / "inside").exists()
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,10 @@ BAD = [
     (["--strategy", "wanda", "--data.corpus", "nosuch"], "unknown corpus 'nosuch'"),
     (["--strategy", "wanda", "--strategy.modules", "[lm_head]"], "unknown module kind 'lm_head'"),
     (["--strategy", "wanda", "--strategy.layers", "[7]"], "out of range"),
+    (["--strategy", "magnitude", "--save_statistics", "true"], "observes nothing (a data-free method)"),
+    (["--strategy", "wanda", "--force", "true"], "there is no --statistics"),
+    (["--strategy", "wanda", "--strategy.mode", "all-at-once", "--statistics", "s.safetensors", "--save_statistics",
+      "true"], "would only copy the file it reads"),
 ]
 
 

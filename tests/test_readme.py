@@ -53,3 +53,9 @@ def test_readme_gradient_example(tiny_llama):
     records = observed["r0"]["r"]
     assert records.index.tolist() == list(range(5)) and records.values.shape == (5,) and (records.values > 0).all()
     assert [l.mlp.down_proj.in_features for l in module.model.model.layers] == [96] * 3
+    import lightning.pytorch as pl
+
+    from prunekit.errors import PrunekitError
+
+    with pytest.raises(PrunekitError, match="needs a Trainer\\(inference_mode=False\\)"):  # Lightning's default
+        prune(Saliency(sparsity=0.25), PrunableLM(str(tiny_llama)), dm, trainer=pl.Trainer(logger=False))

@@ -130,12 +130,35 @@ def test_strategy_help_names_the_methods_options(capsys):
     assert code == 0 and "blocksize" in out and "percdamp" in out
 
 
+def test_a_failed_replacement_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """--overwrite: if moving the new folder into place fails (or a signal lands there), the old one returns."""
+    from prunekit.export import write_atomically
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".out.tmp-"):
+            raise KeyboardInterrupt  # as a signal would, at the worst moment
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(out, True, lambda tmp: (tmp / "new.txt").write_text("new"))
+    assert (out / "keep.txt").read_text() == "previous run" and not (out / "new.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or trash folder left
+
+
 def test_light_commands_import_neither_torch_nor_lightning():
     code = ("import sys\nfrom prunekit.cli import main\nassert main(['--help']) == 0\nassert main(['strategies']) == 0\n"
             "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+    r = subprocess.run([sys.executable, "-m", "prunekit.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "sensitivity" in r.stdout and not r.stderr  # plugin commands as `python -m` too
 
 
 # ----------------------------------------------------------------------------- statistics fingerprints

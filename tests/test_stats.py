@@ -210,7 +210,7 @@ def test_qkv_and_gate_up_share_one_statistic(tiny_llama, windows):
     try:
         assert len(observers) == 4 * tiny.LAYERS  # q/k/v, o, gate/up, down per layer
         assert sum(len(m._forward_hooks) for m in model.modules()) == 4 * tiny.LAYERS
-        by = {(r.layer, r.role): results[r.name] for r in refs}
+        by = {(r.layer, r.role): results[r.name]["act"] for r in refs}
         for i in range(tiny.LAYERS):
             assert by[i, "q"] is by[i, "k"] is by[i, "v"]
             assert by[i, "gate"] is by[i, "up"]
@@ -220,7 +220,7 @@ def test_qkv_and_gate_up_share_one_statistic(tiny_llama, windows):
                 assert by[i, "q"] is not by[i - 1, "q"]
         with torch.no_grad():
             model(input_ids=windows[:1], use_cache=False)
-        assert by[0, "q"]["act"].count.item() == windows.shape[1]
+        assert by[0, "q"].count.item() == windows.shape[1]
     finally:
         observers.detach()
     assert all(not m._forward_hooks for m in model.modules())
@@ -314,3 +314,45 @@ def test_nan_activation_stops_calibration(tiny_llama, windows):
         plan(strategy, module, _Windows(windows))
     assert all(torch.equal(p, before[n]) or n.endswith("up_proj.weight") for n, p in module.model.named_parameters())
     assert all(not m._forward_hooks for m in module.model.modules())  # no observer left behind
+
+
+def test_observers_under_one_key_stay_separate_and_weights_are_read_on_every_pipeline(tiny_llama, windows):
+    """Two observers listing the same linear keep their own statistics (one key, two names, no leaking into each
+    other's saved state); a weight observer is read after every batch of a forward-only pass; a gradient observer
+    on a forward-only pipeline is refused with a clear message."""
+    from prunekit.observe import Observer
+    from prunekit.stats import Sum
+
+    class Probe(PruningStrategy):
+        name = "probe"
+
+        def __init__(self, pipeline: str = "all-at-once", grad: bool = False) -> None:
+            super().__init__(modules=["q", "k", "v"], mode="all-at-once")
+            self._pipeline, self.grad = pipeline, grad
+
+        @property
+        def pipeline(self) -> str:
+            return self._pipeline
+
+        def observers(self, model, layer):
+            name = "model.layers.0.self_attn.q_proj"
+            return [*linear_inputs([r for r in self.targets(model) if r.layer == 0], {"act": ChannelSumSq}),
+                    Observer(name, {"w": Sum}, where="weight", grad=self.grad, keys=[name],
+                             transform=lambda w, g, b: w.abs().sum(0))]
+
+        def decide(self, model, observed, layer, context):
+            self.seen = observed
+            from prunekit.plans import WeightMask
+
+            return WeightMask()
+
+    strategy = Probe()
+    calibration, module = plan(strategy, PrunableLM(str(tiny_llama)), _Windows(windows))
+    group = strategy.seen["model.layers.0.self_attn.q_proj"]
+    assert set(group) == {"act", "w"} and set(strategy.seen["model.layers.0.self_attn.k_proj"]) == {"act"}
+    w = module.model.model.layers[0].self_attn.q_proj.weight.detach().double()
+    assert group["w"].count.item() == windows.shape[0]  # once per batch, no gradient needed
+    torch.testing.assert_close(group["w"].total, windows.shape[0] * w.abs().sum(0))
+    assert not any(".w." in k for k in calibration.observers[0].observers[0].state())
+    with pytest.raises(PrunekitError, match="observes gradients but runs the all-at-once pipeline"):
+        plan(Probe(grad=True), PrunableLM(str(tiny_llama)), _Windows(windows))

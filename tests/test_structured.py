@@ -147,6 +147,24 @@ def test_allow_empty_lets_adaptive_empty_a_layer(tiny_models, family, tmp_path):
     assert sum(l["mlp_channels"] for l in again) < sum(l["mlp_channels"] for l in emptied)
 
 
+def test_zeros_on_a_cut_model_save_and_load(tiny_llama, tmp_path, monkeypatch):
+    """Unstructured pruning of a folder that was cut before: the folder keeps the per-layer widths and loads."""
+    import prunekit
+
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.seq_len", "64", "--data.num_samples", "4", "--data.eval_samples", "3"]
+    assert main(["prune", "--model", str(tiny_llama), "--strategy", "flap", "--strategy.sparsity", "0.3", *data,
+                 "--output_dir", str(tmp_path / "cut")]) == 0
+    assert main(["prune", "--model", str(tmp_path / "cut"), "--strategy", "magnitude", *data,
+                 "--output_dir", str(tmp_path / "zeros")]) == 0
+    first, second = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("cut", "zeros"))
+    model = prunekit.load_pruned(tmp_path / "zeros")
+    assert structure(model) == first["pruned"]["structure"]
+    with torch.no_grad():
+        assert torch.isfinite(model(WINDOWS[:1]).logits).all()
+    assert second["saved"]["plain"] is False
+
+
 def test_structured_cli_round_trip(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = ["--data.seq_len", "64", "--data.num_samples", "4", "--data.eval_samples", "3"]

@@ -10,8 +10,9 @@
 | ``plan_set``     | :class:`~prunekit.realize.routed.RoutedModel`      | dense weights + ``prunekit_plans.json``  |
 | ``runtime_policy`` | the model (over its static base) with the runtime installed | base folder + ``prunekit_runtime.json`` |
 
-Realizers are idempotent: applying a plan to a model that already embodies it (a sequential pipeline
-realizes each layer's part as it goes) changes nothing.
+Applying a plan to a model that already embodies it changes nothing (a sequential pipeline realizes each
+layer's part as it goes, then the job realizes the whole plan): zeros and written weights are written again,
+cut layers carry a marker, an installed runtime is recognised.
 """
 
 from __future__ import annotations

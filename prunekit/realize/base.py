@@ -39,6 +39,11 @@ class Realizer(ABC):
     def load(self, folder: Path, dtype: str = "float32", **kwargs: Any):
         """Read a folder written by :meth:`save` and return the realized object."""
 
+    def compact(self, model: nn.Module, plan):
+        """The plan as kept after ``apply`` on ``model`` (default: unchanged); a realizer may swap copies the
+        model now holds for views of it (the sequential pipeline keeps one plan part per layer)."""
+        return plan
+
     def members(self, realized) -> Iterator[tuple[str, nn.Module]]:
         """What evaluation scores: ``(label, model)`` pairs (default: the realized model, unlabelled)."""
         yield "", realized

@@ -39,21 +39,32 @@ class WeightMaskRealizer(Realizer):
             ref.weight[mask.to(ref.weight.device)] = 0
         return model
 
+    def compact(self, model: nn.Module, plan):
+        """Reconstructed weights become views of the model's own (now equal) weights: no second copy."""
+        if not plan.weights:
+            return plan
+        refs = _refs(model)
+        return type(plan)(plan.masks, {name: refs[name].weight for name in plan.weights})
+
     def report(self, realized: nn.Module, dense: dict[str, int]) -> dict:
         report = static_report(realized, dense)
         report["layers"] = [{"layer": i, "sparsity": v} for i, v in report["per_layer_sparsity"].items()]
         return report
 
     def save(self, realized: nn.Module, folder: Path, tokenizer=None) -> dict:
-        realized.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        return {"loadable_with": "transformers.AutoModelForCausalLM.from_pretrained or prunekit.load_pruned",
-                "plain": True}
+        """Zeros need nothing special — but the model may have been cut before (a folder prunekit wrote, pruned
+        again): the widths are saved the way a unit cut saves them, and the folder says how it loads."""
+        from prunekit.realize.cuts import save_cut
+
+        return save_cut(realized, folder, tokenizer)
 
     def load(self, folder: Path, dtype: str = "float32", **kwargs: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
+        from prunekit.realize.cuts import STRUCTURE_FILE, load_cut
+
+        if (Path(folder) / STRUCTURE_FILE).is_file():
+            return load_cut(folder, dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
         except (OSError, ValueError) as e:

@@ -35,15 +35,16 @@ class RuntimePolicyRealizer(Realizer):
 
         if plan.runtime is None:
             raise PrunekitError("a runtime_policy plan needs a runtime")
+        current = getattr(model, "_prunekit_runtime", None)
+        if current is plan.runtime:
+            return model  # already realized
+        if current is not None:  # the static base is applied to the bare model
+            current.remove(model)
+            model.__dict__.pop("_prunekit_runtime", None)
         if plan.base is not None:
             if plan.base.kind in ("plan_set", "runtime_policy"):
                 raise PrunekitError(f"a runtime cannot sit on a {plan.base.kind} plan; use a static base")
             model = realizer_for(plan.base).apply(model, plan.base, **context)
-        current = getattr(model, "_prunekit_runtime", None)
-        if current is plan.runtime:
-            return model  # already installed
-        if current is not None:
-            current.remove(model)
         plan.runtime.install(model)
         model.__dict__["_prunekit_runtime"] = plan.runtime  # not a submodule: never in the state dict
         model._prunekit_base_kind = plan.base.kind if plan.base is not None else "weight_mask"
@@ -52,8 +53,13 @@ class RuntimePolicyRealizer(Realizer):
     def report(self, realized: nn.Module, dense: dict[str, int]) -> dict:
         from prunekit.realize import realizers
 
-        report = realizers()[_base_kind(realized)].report(realized, dense)
-        report["runtime"] = realized._prunekit_runtime.describe()
+        runtime = realized._prunekit_runtime
+        runtime.remove(realized)  # the static model underneath (a runtime may wrap modules)
+        try:
+            report = realizers()[_base_kind(realized)].report(realized, dense)
+        finally:
+            runtime.install(realized)
+        report["runtime"] = runtime.describe()
         return report
 
     def save(self, realized: nn.Module, folder: Path, tokenizer=None) -> dict:

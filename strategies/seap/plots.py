@@ -58,7 +58,7 @@ def activation_heatmaps(profiles: dict[str, dict[str, "torch.Tensor"]], path: st
 
 
 def similarity_matrix(sim: dict, path: str | Path, title: str = "") -> Path:
-    """The (half A × half B) cosine-similarity matrix of ``prunekit.activations.similarity``."""
+    """The (half A × half B) cosine-similarity matrix of ``prunekit.strategies.seap.activations.similarity``."""
     plt = _pyplot()
     tasks, matrix = sim["tasks"], sim["matrix"]
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(tasks), 0.8 + 0.7 * len(tasks)))

@@ -16,10 +16,10 @@ Two strategies:
 
 - ``seap``: the expert mask of one task: ``task`` names the calibration source (one task of the ``task``
   corpus) whose statistics decide; with a single-source corpus ``task`` may be omitted. With ``tasks``
-  (a list, or ``[all]`` for every source) it makes one plan per task from the same pass and leaves the model
-  dense; ``prunekit prune`` then saves a task-routed folder (``prunekit.routing.TaskRoutedModel``: the
-  dense weights once, each task's pruned model built on demand) and ``prunekit eval`` scores task t with
-  task t's model.
+  (a list, or ``[all]`` for every source) it decides a ``PlanSet`` — one ``UnitCut`` per task from the same
+  pass, and a task router (``prunekit.strategies.seap.router``) — and leaves the model dense; ``prunekit prune``
+  saves it as a plan-set folder (``prunekit.load_pruned`` returns a ``RoutedModel``: the dense weights once,
+  each task's pruned model built on demand) and ``prunekit eval`` scores task t with task t's model.
 - ``seap-gen``: one general mask from the weighted sum of every source's scores,
   S = Σ_τ w_τ · s(τ), reference weights ``{wiki: 3, "*": 2}`` (the general text ×3, each task ×2).
 
@@ -69,8 +69,10 @@ class SEAP(StructuredStrategy):
 
     Args:
         task: the calibration source (task) whose statistics decide (default: the only source).
-        tasks: one expert plan per listed source (``[all]``: every source); the model stays dense and the
-            plans are in ``experts_`` (see the module docstring). Exclusive with ``task``.
+        tasks: one expert plan per listed source (``[all]``: every source): a ``PlanSet``, the model stays dense
+            (see the module docstring). Exclusive with ``task``.
+        router / router_per_task: with ``tasks``, train the task router on up to ``router_per_task`` calibration
+            prompts per task and score it on as many held-out ones (``prunekit.strategies.seap.router``).
         sparsity, allocation, standardization, bias_compensation, mode and the rest: see StructuredStrategy.
     """
 
