@@ -136,7 +136,7 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     config = load_config(name_or_path)
     adapter_for(config)  # fail before loading weights if the family is unsupported
     location = resolve(name_or_path)
-    if plan_kind_of(location) not in (None, "plan_set", "weight_mask"):
+    if plan_kind_of(location) not in (None, "plan_set"):  # a plan set's folder holds its dense model
         model = load_pruned(location, dtype)
     else:
         if dtype not in ("float32", "bfloat16", "float16"):

@@ -8,7 +8,8 @@ example is seen by exactly one process), feeds the strategy's observers, reduces
 - ``all-at-once``: one forward pass over the dense model; every layer observed at once.
 - ``sequential``: the inputs of decoder layer 0 (and each layer's own arguments) are caught, then layer by
   layer: observe the layer on its current inputs, decide and realize that layer's plan, recompute its outputs
-  with the pruned weights — which become the next layer's inputs. Extra memory ≈ one layer's activations for
+  with the pruned weights — which become the next layer's inputs. Extra memory ≈ one layer's activations and
+  statistics (released once the layer is decided, unless kept) for
   the local calibration examples (the Wanda/SparseGPT references' default).
 - ``gradient``: forward and backward per batch; the loss is the mean next-token cross-entropy over the tokens
   the batch marks as targets (``loss_mask``, e.g. only the gold continuation of a task prompt; default every

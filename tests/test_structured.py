@@ -163,6 +163,9 @@ def test_zeros_on_a_cut_model_save_and_load(tiny_llama, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.isfinite(model(WINDOWS[:1]).logits).all()
     assert second["saved"]["plain"] is False
+    assert main(["eval", "--model", str(tmp_path / "zeros"), *data, "--output_dir", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["perplexity"] == pytest.approx(second["pruned"]["perplexity"], rel=1e-6)
 
 
 def test_structured_cli_round_trip(tiny_llama, tmp_path, monkeypatch):
