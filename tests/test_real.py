@@ -9,10 +9,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from prunekit.api import prune
 from prunekit.cli import main
 from prunekit.data import CalibrationDataModule
-from prunekit.api import prune
 from prunekit.evaluate import perplexity, sparsity_rows, summarize_sparsity
+from prunekit.models import load_model
 from prunekit.module import PrunableLM
 from prunekit.strategies.magnitude import Magnitude
 from prunekit.strategies.sparsegpt import SparseGPT
@@ -88,3 +89,54 @@ def _configs():
     from pathlib import Path
 
     return Path(__file__).parents[1] / "configs"
+
+
+def test_gradient_pipeline_on_smollm2(lm):
+    """The gradient pipeline on the real model (grouped-query attention, tied embeddings): per-example, per-head
+    |Σ_d a·g| records of every layer's attention context with the loss on COPA's gold answers only, and a
+    weight-gradient saliency that decides a unit cut of the requested size."""
+    from prunekit.observe import Observer, per_head, site
+    from prunekit.plans import LayerCut, UnitCut
+    from prunekit.stats import Records, Sum
+    from prunekit.strategy import PruningStrategy
+
+    class Probe(PruningStrategy):
+        name = "probe"
+        pipeline = "gradient"
+
+        def observers(self, model, layer):
+            heads = model.config.num_attention_heads
+            out = []
+            for i in range(model.config.num_hidden_layers):
+                context, _ = site(model, i, "attn_context")
+                down, _ = site(model, i, "mlp_mid")
+                split = per_head(heads)
+                out.append(Observer(context, {"r": Records}, grad=True, key=f"r{i}", features=heads,
+                                    transform=lambda x, g, b: (split(x, None, b) * split(g, None, b)).sum(-1).abs().sum(1)))
+                out.append(Observer(down, {"s": Sum}, where="weight", grad=True, key=f"s{i}",
+                                    transform=lambda w, g, b: (w * g).abs().sum(0)))
+            return out
+
+        def decide(self, model, observed, layer, context):
+            self.observed = observed
+            cuts = {}
+            for i in range(model.config.num_hidden_layers):
+                score = observed[f"s{i}"]["s"].total
+                cuts[i] = LayerCut([], score.argsort()[: int(0.1 * score.numel())].tolist())
+            return UnitCut(cuts)
+
+    module, dense = lm
+    module.model.load_state_dict(dense)
+    data = CalibrationDataModule(MODEL, corpus="task", corpus_options={"tasks": ["copa"]}, packing="documents",
+                                 num_samples=6, seq_len=SEQ)
+    strategy = Probe(sparsity=0.1)
+    out = prune(strategy, module, data)
+    try:
+        records = strategy.observed["r5"]["r"]
+        assert records.index.tolist() == list(range(6)) and records.values.shape == (6, 9)
+        assert torch.isfinite(records.values).all() and (records.values > 0).any()
+        assert all(torch.isfinite(strategy.observed[f"s{i}"]["s"].total).all() for i in range(30))
+        widths = [l.mlp.down_proj.in_features for l in module.model.model.layers]
+        assert widths == [1536 - 153] * 30 and isinstance(out.plan, UnitCut)
+    finally:  # the shared fixture's model is cut now: later tests get a fresh one
+        module.model = load_model(MODEL)
