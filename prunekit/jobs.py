@@ -16,6 +16,7 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.export import scratch, write_atomically
+from prunekit.pipeline import notify
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -61,14 +62,6 @@ def log_and_close(trainer, metrics: dict, hparams: dict | None = None, tables: d
         run.finish()
 
 
-def callbacks(trainer, hook: str, *args) -> None:
-    """Call ``hook(trainer, *args)`` on every trainer callback that has it (prunekit's own events)."""
-    for cb in trainer.callbacks:
-        fn = getattr(cb, hook, None)
-        if callable(fn):
-            fn(trainer, *args)
-
-
 def peak_rss_mb() -> float:
     from prunekit.memory import peak_rss_mb as peak
 
@@ -100,9 +93,6 @@ def prune(cli) -> dict:
     # 1. check everything cheap before any heavy work
     strategy.check(model)
     dm.check_model(model.config)
-    data_settings = dm.describe()
-    sources, pipeline, notes = None, None, []
-    dense_print = saved_stats.model_fingerprint(model) if (c.statistics or c.save_statistics) else None
     if c.force and not c.statistics:
         raise PrunekitError("--force only accepts --statistics of another model or data; there is no --statistics")
     if (c.statistics or c.save_statistics) and strategy.pipeline == "none":
@@ -110,6 +100,9 @@ def prune(cli) -> dict:
                             "--save_statistics")
     if c.statistics and c.save_statistics:
         raise PrunekitError("--save_statistics with --statistics would only copy the file it reads; drop one")
+    data_settings = dm.describe()
+    sources, pipeline, notes = None, None, []
+    dense_print = saved_stats.model_fingerprint(model) if (c.statistics or c.save_statistics) else None
     if c.statistics:
         if strategy.pipeline not in ("all-at-once", "gradient"):
             raise PrunekitError(f"--statistics replaces a pass over the dense model, but {strategy.name} runs the "
@@ -119,8 +112,7 @@ def prune(cli) -> dict:
         if meta.get("pipeline") not in (None, "all-at-once", "gradient"):
             raise PrunekitError(f"{c.statistics} holds statistics of the {meta['pipeline']} pipeline (observed on a "
                                 "model pruned layer by layer); prune from statistics of an all-at-once pass")
-        data_print = dm.fingerprint() if _has_data(dm) else None
-        notes = saved_stats.check(meta, c.statistics, dense_print, data_print, c.force)
+        notes = saved_stats.check(meta, c.statistics, dense_print, dm.fingerprint(), c.force)
         sources = meta.get("sources")
         data_settings = {**(meta.get("data") or {}), "statistics": str(c.statistics)}
         pipeline = FromStatistics(tensors, str(c.statistics))
@@ -170,7 +162,7 @@ def prune(cli) -> dict:
         target = report["members"][label] if label else report
         target["perplexity"], target["eval_s"] = ppl, seconds
     result["pruned"] = report
-    callbacks(trainer, "on_pruning_end", module, report)
+    notify(trainer, "on_pruning_end", module, report)
     result["wall_s"] = time.perf_counter() - start
     result["peak_rss_mb"] = peak_rss_mb()
     if not trainer.is_global_zero:
@@ -202,7 +194,7 @@ def prune(cli) -> dict:
                         "model": module.model_name, "model_fingerprint": dense_print,
                         "data_fingerprint": dm.fingerprint(), "data": dm.describe()}
                 saved_stats.save(tmp / saved_stats.FILE, calibration.state(), meta)
-            callbacks(trainer, "on_save", module, tmp)
+            notify(trainer, "on_save", module, tmp)
 
         out = write_atomically(c.output_dir, c.overwrite, write)
 
@@ -213,14 +205,6 @@ def prune(cli) -> dict:
         if result["saved"].get("note"):
             print(f"note: {result['saved']['note']}")
     return result
-
-
-def _has_data(dm) -> bool:
-    try:
-        dm.calibration_sequences()
-        return True
-    except PrunekitError:
-        return False
 
 
 def _json_default(o):

@@ -161,7 +161,8 @@ class Calibration:
         return out
 
 
-def _callbacks(trainer: pl.Trainer, hook: str, *args) -> None:
+def notify(trainer: pl.Trainer, hook: str, *args) -> None:
+    """Call ``hook(trainer, *args)`` on every trainer callback that has it (prunekit's own events)."""
     for cb in trainer.callbacks:
         fn = getattr(cb, hook, None)
         if callable(fn):
@@ -322,12 +323,12 @@ def calibrate(trainer: pl.Trainer, pl_module: pl.LightningModule, data, strategy
         raise PrunekitError("the gradient pipeline needs a Trainer(inference_mode=False): Lightning's default "
                             "inference mode turns gradients off")
     context = context or context_for(trainer, data)
-    _callbacks(trainer, "on_calibration_start", pl_module, strategy)
+    notify(trainer, "on_calibration_start", pl_module, strategy)
     result = pipeline.run(trainer, pl_module, data, strategy, context, keep)
     if result.plan is None:
         raise PrunekitError(f"strategy {strategy.name} decided no plan")
-    _callbacks(trainer, "on_calibration_end", pl_module, strategy)
-    _callbacks(trainer, "on_plan", pl_module, result.plan)
+    notify(trainer, "on_calibration_end", pl_module, strategy)
+    notify(trainer, "on_plan", pl_module, result.plan)
     return result
 
 
