@@ -128,23 +128,18 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     A folder prunekit wrote loads as its plan kind realizes it (``prunekit.load_pruned``): cut widths, an
     installed runtime; for a plan set, the dense model its members share.
     """
-    from transformers import AutoModelForCausalLM
-
     from prunekit.arch import adapter_for
-    from prunekit.realize import load_pruned, plan_kind_of
+    from prunekit.realize import load_pruned, plan_kind_of, realizers
 
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PrunekitError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     config = load_config(name_or_path)
     adapter_for(config)  # fail before loading weights if the family is unsupported
     location = resolve(name_or_path)
-    if plan_kind_of(location) not in (None, "plan_set"):  # a plan set's folder holds its dense model
-        model = load_pruned(location, dtype)
+    if plan_kind_of(location) == "plan_set":  # its folder holds the dense model its members share
+        model = realizers()["weight_mask"].load(Path(location), dtype)
     else:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise PrunekitError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
-        except OSError as e:
-            raise PrunekitError(f"cannot load model {name_or_path!r}: {e}") from None
+        model = load_pruned(location, dtype)
     model.eval()
     model.requires_grad_(False)
     return model

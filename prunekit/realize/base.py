@@ -73,6 +73,18 @@ def _load(target: str) -> Realizer:
     return getattr(importlib.import_module(module), name)()
 
 
+def import_class(path: str, folder: Path, what: str) -> type:
+    """The class a saved folder names by import path (a router, a runtime), or a clear error."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise PrunekitError(f"{folder}: the {what} class {path} cannot be imported ({e}); install the package that "
+                            "provides it") from None
+
+
 def realizers() -> dict[str, Realizer]:
     """Built-in realizers and those registered in the entry-point group ``prunekit.realizers``."""
     if not _CACHE:

@@ -15,7 +15,6 @@ report), ``plans_bias.safetensors`` (bias vectors per member and projection) and
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.realize.base import Realizer, linear_totals, parameter_counts
+from prunekit.realize.base import Realizer, import_class, parameter_counts
 
 PLANS_FILE = "prunekit_plans.json"
 BIAS_FILE = "plans_bias.safetensors"
@@ -206,12 +205,7 @@ class PlanSetRealizer(Realizer):
             plans[name] = UnitCut.from_json(member["cuts"], bias.get(name), member.get("allow_empty", False))
         router, report = None, None
         if "router" in record:
-            module, _, cls_name = record["router"]["class"].rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module), cls_name)
-            except (ImportError, AttributeError) as e:
-                raise PrunekitError(f"{folder}: the router class {record['router']['class']} cannot be imported "
-                                    f"({e}); install the package that provides it") from None
+            cls = import_class(record["router"]["class"], folder, "router")
             router, report = cls.load(folder / ROUTER_FILE), record["router"].get("report")
         if dense is None:
             from prunekit.realize.masks import WeightMaskRealizer

@@ -9,7 +9,6 @@ loading realizes the base, then installs the runtime again.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.realize.base import Realizer, static_report
+from prunekit.realize.base import Realizer, import_class
 
 RUNTIME_FILE = "prunekit_runtime.json"
 RUNTIME_TENSORS = "runtime.safetensors"
@@ -92,12 +91,7 @@ class RuntimePolicyRealizer(Realizer):
         if not record_file.is_file():
             raise PrunekitError(f"{folder} has no {RUNTIME_FILE}: not a runtime-policy folder")
         record = json.loads(record_file.read_text())
-        module, _, name = record["class"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise PrunekitError(f"{folder}: the runtime class {record['class']} cannot be imported ({e}); install "
-                                "the package that provides it") from None
+        cls = import_class(record["class"], folder, "runtime")
         tensors = {}
         if (folder / RUNTIME_TENSORS).is_file():
             from safetensors.torch import load_file
@@ -110,5 +104,3 @@ class RuntimePolicyRealizer(Realizer):
         model._prunekit_base_kind = record.get("base", "weight_mask")
         return model
 
-
-__all__ = ["RuntimePolicyRealizer", "static_report"]

@@ -58,9 +58,8 @@ class ActivationsCLI(BaseCLI):
 def run_activations(cli: ActivationsCLI) -> dict:
     """Per task: profile two random halves of its calibration examples; heatmaps, similarity, safetensors."""
     from prunekit.data import sequence_loader
-    from prunekit.export import scratch, write_atomically
+    from prunekit.export import scratch
     from prunekit.strategies.seap.activations import halves, profile, similarity
-    from prunekit.strategies.seap.plots import activation_heatmaps, sampled_dimensions, similarity_matrix
     from prunekit.tasks import leaf_tasks
 
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule

@@ -106,9 +106,6 @@ class SEAP(StructuredStrategy):
             out.update({"tasks": self.tasks, "router": self.router})
         return out
 
-    def label(self) -> str:
-        return f"{self.name} ({self.sparsity:.0%}, {self.allocation}, {self.pipeline})"
-
     def _expert_tasks(self) -> list[str]:
         sources = self.sources_ or []
         if self.tasks == ["all"]:
