@@ -23,8 +23,15 @@ from prunekit.arch import adapter_for
 
 
 def matmul_macs_per_token(model: torch.nn.Module) -> int:
-    """Weights multiplied once per token: decoder projections and the LM head (embeddings are lookups)."""
-    macs = sum(ref.weight.numel() for ref in adapter_for(model).linears(model))
+    """Weights multiplied once per generated token: decoder projections and the LM head (embeddings are lookups).
+    An installed runtime that narrows generation (``decode_macs``) counts what it actually multiplies."""
+    from prunekit.realize.runtime import runtime_of
+
+    runtime = runtime_of(model)
+    if runtime is not None and callable(getattr(runtime, "decode_macs", None)):
+        macs = runtime.decode_macs(model)
+    else:
+        macs = sum(ref.weight.numel() for ref in adapter_for(model).linears(model))
     head = model.get_output_embeddings()
     return macs + (head.weight.numel() if head is not None else 0)
 
@@ -44,8 +51,15 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) 
                                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
                                             pad_token_id=0))
     decode = max(generate - prefill, 1e-9)
-    return {"prefill_tok_s": batch * prompt_len / prefill, "decode_tok_s": batch * new_tokens / decode,
-            "latency_ms_per_token": 1000 * decode / new_tokens}
+    row = {"prefill_tok_s": batch * prompt_len / prefill, "decode_tok_s": batch * new_tokens / decode,
+           "latency_ms_per_token": 1000 * decode / new_tokens}
+    from prunekit.realize.runtime import runtime_of
+
+    gathered = getattr(runtime_of(model), "last_gather", None)  # a runtime that gathers weights per sequence
+    if gathered:
+        row["gather_ms"] = 1000 * gathered["seconds"]
+        row["gather_mb"] = gathered["mb"]
+    return row
 
 
 def bench(models: dict[str, torch.nn.Module], batch_sizes=(1, 4), prompt_len: int = 128, new_tokens: int = 32,
@@ -69,7 +83,7 @@ def bench(models: dict[str, torch.nn.Module], batch_sizes=(1, 4), prompt_len: in
                "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                "ideal_speedup": base_macs / matmul_macs_per_token(model)}
         for key in runs[0]:
-            row[key] = statistics.median(run[key] for run in runs)
+            row[key] = statistics.median(run[key] for run in runs if key in run)
         rows.append(row)
     for row in rows:
         base = next(r for r in rows if r["model"] == base_name and r["batch"] == row["batch"])
@@ -97,15 +111,21 @@ def peak_rss_mb(location: str, batch: int, prompt_len: int, new_tokens: int) -> 
 
 
 def format_rows(rows: list[dict]) -> str:
+    """Markdown table; a ``gather ms / MB`` column (per-sequence weight gathering of a dynamic runtime, once per
+    generate call) appears when a model has one."""
+    gather = any("gather_ms" in r for r in rows)
     lines = ["| model | batch | params | prefill tok/s | decode tok/s | ms/token | decode speed-up | ideal | gain vs ideal "
-             "| peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak MB |" + (" gather ms / MB |" if gather else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gather else "")]
     for r in rows:
         ratio = f"{r['decode_vs_ideal']:.2f}"
         peak = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "–"
+        extra = ""
+        if gather:
+            extra = f" {r['gather_ms']:.1f} / {r['gather_mb']:.1f} |" if "gather_ms" in r else " – |"
         lines.append(f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {r['latency_ms_per_token']:.1f} | {r['decode_speedup']:.2f}x | "
-                     f"{r['ideal_speedup']:.2f}x | {ratio} | {peak} |")
+                     f"{r['ideal_speedup']:.2f}x | {ratio} | {peak} |{extra}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import torch
 from torchmetrics.text import Perplexity
 
 from prunekit.pipeline import Pass
+from prunekit.realize.runtime import scoring
 from prunekit.realize.base import linear_totals, parameter_counts, sparsity_rows, summarize_sparsity
 
 __all__ = ["PerplexityPass", "linear_totals", "parameter_counts", "perplexity", "sparsity_rows",
@@ -24,7 +25,8 @@ class PerplexityPass(Pass):
     def predict_step(self, batch, batch_idx: int) -> None:
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch["input_ids"] if isinstance(batch, dict) else batch
         ids = ids.to(self.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits
+        with scoring(self.model, "perplexity", seq_len=ids.shape[1]):  # a runtime's teacher-forced protocol
+            logits = self.model(input_ids=ids, use_cache=False).logits
         self.metric.update(logits[:, :-1].float(), ids[:, 1:])
         return None
 

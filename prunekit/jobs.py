@@ -152,6 +152,10 @@ def prune(cli) -> dict:
     # 4. report and evaluate
     report = realizer.report(realized, dense_totals)
     report["calibrate_prune_s"] = calibrate_s
+    from prunekit.realize.runtime import runtime_of
+
+    if runtime_of(realized) is not None and runtime_of(realized).notes(dm.seq_len):
+        report["runtime_notes"] = runtime_of(realized).notes(dm.seq_len)
     result["plan"] = plan.kind
     evaluated = []
     for label, member in realizer.members(realized):
@@ -274,11 +278,13 @@ def _print_prune(result: dict, strategy, calibration_text: str, dm, trainer) -> 
         print(f"per-layer widths (MLP channels / attention heads): {widths}")
         print(f"removed: {pruned['pruned_fraction']:.1%} of attention+MLP weights (requested "
               f"{strategy.sparsity:.0%}), {pruned['params_removed_fraction']:.1%} of all parameters")
-    else:
+    elif pruned["pruned_fraction"] > 0 or "runtime" not in pruned:  # a runtime alone has no zeros to list
         per_layer = " ".join(f"{i}:{v:.0%}" for i, v in pruned["per_layer_sparsity"].items())
         print(f"per-layer sparsity: {per_layer}")
     if "runtime" in pruned:
         print("runtime: " + ", ".join(f"{k}={v}" for k, v in pruned["runtime"].items()))
+        for note in pruned.get("runtime_notes", []):
+            print(note)
     print(f"peak memory (RSS): {result['peak_rss_mb']:.0f} MB; wall time: {result['wall_s']:.1f} s")
 
 
@@ -292,6 +298,14 @@ def evaluate(cli) -> dict:
     c, trainer, module, dm = cli.config, cli.trainer, cli.model, cli.datamodule
     names = expand(c.tasks)
     realized = module.realized
+    if c.get("runtime"):
+        from prunekit.realize.runtime import runtime_of
+
+        runtime = runtime_of(module.model)
+        if runtime is None:
+            raise PrunekitError(f"--runtime sets options of a dynamic method's runtime, but {module.model_name} "
+                                "has none (it was not pruned with a runtime-policy method such as griffin)")
+        runtime.configure(**c.runtime)
     tasks = [n for n in names if n != "perplexity"]
     if tasks:  # every requested task has a model to answer it, before any work
         from prunekit.realize.base import of
@@ -316,6 +330,11 @@ def evaluate(cli) -> dict:
             scores[label] = row
         result.update({"eval_windows": int(dm.evaluation_windows().shape[0]), "seq_len": dm.seq_len,
                        "eval_corpus": dm.eval_corpus})
+        from prunekit.realize.runtime import runtime_of
+
+        if runtime_of(module.model) is not None:
+            result["runtime"] = runtime_of(module.model).describe()
+            result["runtime_notes"] = runtime_of(module.model).notes(dm.seq_len)
         if "" in scores:
             result["perplexity"] = scores[""]["perplexity"]
         else:
@@ -366,6 +385,8 @@ def _print_eval(result: dict, c, dm) -> None:
             rows.append({"name": Path(result["model"]).name, **result})
         rows += [{"name": f"member: {name}", **row} for name, row in result.get("members", {}).items()]
         print_table(rows)
+    for note in result.get("runtime_notes", []):
+        print(note)
     if "tasks" in result:
         from prunekit.zeroshot import format_table
 

@@ -148,6 +148,9 @@ class EvalCLI(BaseCLI):
         parser.add_argument("--batch_size", type=int, default=8, help="lm-eval batch size.")
         parser.add_argument("--max_gen_toks", type=int | None, default=None,
                             help="Generated tokens per answer for generation tasks (lm-eval default 256).")
+        parser.add_argument("--runtime", type=dict | None, default=None,
+                            help="Options for a dynamic method's runtime saved in the folder, e.g. "
+                                 "--runtime '{mode: class}' for GRIFFIN.")
 
     def before_instantiate_classes(self) -> None:
         from prunekit.tasks import expand

@@ -18,6 +18,7 @@ decide layer by layer), compared, saved and applied to another copy of the same 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -171,6 +172,24 @@ class Runtime(ABC):
     def describe(self) -> dict[str, Any]:
         """What the report shows about the runtime (default: its state)."""
         return {"runtime": f"{type(self).__module__}.{type(self).__qualname__}", **self.state()}
+
+    # How evaluation runs a runtime. A runtime whose behaviour depends on what a forward is for (a prompt to
+    # generate from, a teacher-forced perplexity window, a log-likelihood request) says so here.
+    scores_padded_batches: ClassVar[bool] = True  # False: lm-eval must score one request at a time
+
+    def scoring(self, purpose: str, seq_len: int | None = None) -> AbstractContextManager:
+        """Context for forwards made for ``purpose``: ``perplexity`` (teacher-forced windows of ``seq_len``),
+        ``loglikelihood`` (lm-eval requests) or ``generate``. Default: no change."""
+        return nullcontext()
+
+    def notes(self, seq_len: int | None = None) -> list[str]:
+        """Lines the evaluation prints about how the runtime was scored."""
+        return []
+
+    def configure(self, **options: Any) -> None:
+        """Change options of an installed runtime (``prunekit eval --runtime '{...}'``)."""
+        if options:
+            raise PrunekitError(f"{type(self).__name__} takes no evaluation options (got {', '.join(options)})")
 
 
 @dataclass

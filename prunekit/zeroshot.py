@@ -33,7 +33,12 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str, limit: int | float 
     if num_fewshot is not None and num_fewshot < 0:
         raise PrunekitError(f"num_fewshot must be >= 0, got {num_fewshot}")
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from prunekit.realize.runtime import runtime_of
+
+    runtime = runtime_of(model)
+    if runtime is not None and not runtime.scores_padded_batches:
+        batch_size = 1  # lm-eval pads log-likelihood batches on the right without a mask
+    lm = (_runtime_lm() if runtime is not None else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None
     out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(),
                           gen_kwargs=gen_kwargs,
@@ -43,6 +48,29 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str, limit: int | float 
     summary = summarize(out, names)
     summary["raw"] = out
     return summary
+
+
+def _runtime_lm():
+    from lm_eval.models.huggingface import HFLM
+
+    from prunekit.realize.runtime import scoring
+
+    class RuntimeLM(HFLM):
+        """lm-eval's HF model, telling an installed runtime what each request is for (``Runtime.scoring``)."""
+
+        def loglikelihood(self, requests, *args, **kwargs):
+            with scoring(self.model, "loglikelihood"):
+                return super().loglikelihood(requests, *args, **kwargs)
+
+        def loglikelihood_rolling(self, requests, *args, **kwargs):
+            with scoring(self.model, "perplexity"):
+                return super().loglikelihood_rolling(requests, *args, **kwargs)
+
+        def generate_until(self, requests, *args, **kwargs):
+            with scoring(self.model, "generate"):
+                return super().generate_until(requests, *args, **kwargs)
+
+    return RuntimeLM
 
 
 def _metrics(entry: dict) -> dict:

@@ -10,6 +10,7 @@ loading realizes the base, then installs the runtime again.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ from prunekit.realize.base import Realizer, import_class
 
 RUNTIME_FILE = "prunekit_runtime.json"
 RUNTIME_TENSORS = "runtime.safetensors"
+
+
+def runtime_of(model: nn.Module):
+    """The runtime installed in ``model`` (``prunekit.plans.Runtime``), or None."""
+    return model.__dict__.get("_prunekit_runtime") if isinstance(model, nn.Module) else None
+
+
+def scoring(model: nn.Module, purpose: str, seq_len: int | None = None):
+    """The installed runtime's context for forwards made for ``purpose`` (a no-op without a runtime)."""
+    runtime = runtime_of(model)
+    return nullcontext() if runtime is None else runtime.scoring(purpose, seq_len=seq_len)
 
 
 def _base_kind(model: nn.Module) -> str:
