@@ -1,10 +1,10 @@
 """GRIFFIN on SmolLM2-135M: split-protocol perplexity, density and prompt-length sweeps, class-mode zero-shot,
 expert overlap between tasks, greedy agreement with dense, GRIFFIN on a FLAP cut, and decode speed.
 
-    python benchmarks/griffin.py [--out benchmarks/results] [--windows 24] [--limit 100]
+    python benchmarks/griffin.py [--out benchmarks/results] [--windows 16] [--sweep_windows 6] [--limit 100]
 
-- Split perplexity: held-out wiki windows of 512 tokens (the same windows ``prunekit eval`` uses); the first 256
-  tokens are the prompt, the last 256 are scored in generation. Computed with the runtime's ``prefix`` mode (one
+- Split perplexity: held-out wiki windows of 512 tokens (``--seq_len``; the same windows ``prunekit eval`` uses);
+  the first 256 tokens are the prompt, the last 256 are scored in generation. Computed with the runtime's ``prefix`` mode (one
   forward per window), shown equal to prefill + token-by-token cached decoding on the first windows.
 - Density sweep 0.1…0.9 (the paper's Fig. 5) and prompt-length sweep (Fig. 7: prompt P, the next 128 tokens
   scored) for GRIFFIN and the magnitude baseline.
@@ -82,8 +82,10 @@ def static_cut(model_name: str, density: float, folder: Path) -> None:
 
 def main() -> None:
     parser = common.parser(__doc__)
-    parser.add_argument("--windows", type=int, default=24, help="held-out 512-token windows for split perplexity")
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows (--seq_len tokens) for split perplexity")
+    parser.add_argument("--tasks", nargs="+", default=TASKS, help="zero-shot tasks (class mode)")
     parser.add_argument("--limit", type=float, default=100, help="lm-eval documents per task (class mode)")
+    parser.add_argument("--sweep_windows", type=int, default=6, help="windows for the density and prompt sweeps")
     parser.add_argument("--decode_check", type=int, default=2, help="windows scored token by token too")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--speed_only", action="store_true",
@@ -106,23 +108,28 @@ def main() -> None:
     progress = common.Progress(11)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    dm = CalibrationDataModule(args.model, seq_len=512, eval_samples=args.windows)
+    seq, half = args.seq_len, args.seq_len // 2
+    after = min(128, seq // 4)  # tokens scored after each prompt in the prompt-length sweep
+    lengths_p = [p for p in PROMPT_LENGTHS if p + after <= seq]
+    dm = CalibrationDataModule(args.model, seq_len=seq, eval_samples=args.windows)
     windows = dm.evaluation_windows()
-    results: dict = {"meta": {"model": args.model, "windows": int(windows.shape[0]), "seq_len": 512,
+    few = windows[:args.sweep_windows]
+    results: dict = {"meta": {"model": args.model, "windows": int(windows.shape[0]), "seq_len": seq, "after": after,
+                              "sweep_windows": int(few.shape[0]),
                               "limit": args.limit, "cpu_count": os.cpu_count(),
                               "threads": torch.get_num_threads()}}
 
     # 1. split perplexity at density 0.5, every variant; prefix mode vs token-by-token decoding
     progress.step("split perplexity, density 0.5")
-    split = {"dense": protocol.split_perplexity(model, windows, 256)}
+    split = {"dense": protocol.split_perplexity(model, windows, half)}
     for variant in VARIANTS:
         install(model, density=0.5, variant=variant)
-        split[variant] = protocol.split_perplexity(model, windows, 256)
+        split[variant] = protocol.split_perplexity(model, windows, half)
         print(f"  {variant}: {split[variant]:.3f} (dense {split['dense']:.3f})", flush=True)
     install(model, density=0.5)
     check = windows[:args.decode_check]
-    prefix_nll = protocol.split_nll(model, check, 256, how="prefix")
-    decode_nll = protocol.split_nll(model, check, 256, how="decode")
+    prefix_nll = protocol.split_nll(model, check, half, how="prefix")
+    decode_nll = protocol.split_nll(model, check, half, how="decode")
     results["prefix_vs_decode"] = {"windows": int(check.shape[0]), "prefix_nll": prefix_nll[0],
                                    "decode_nll": decode_nll[0], "tokens": prefix_nll[1],
                                    "max_abs_diff_mean_nll": abs(prefix_nll[0] - decode_nll[0]) / prefix_nll[1]}
@@ -135,17 +142,17 @@ def main() -> None:
     for variant in ("topk", "magnitude"):
         for d in DENSITIES:
             install(model, density=d, variant=variant)
-            sweep.append({"variant": variant, "density": d, "perplexity": protocol.split_perplexity(model, windows, 256)})
+            sweep.append({"variant": variant, "density": d, "perplexity": protocol.split_perplexity(model, few, half)})
             print(f"  {variant} {d}: {sweep[-1]['perplexity']:.3f}", flush=True)
     uninstall(model)
     results["density_sweep"] = sweep
     progress.step("prompt-length sweep")
     lengths = []
-    for p in PROMPT_LENGTHS:
-        row = {"prompt_len": p, "dense": protocol.split_perplexity(model, windows, p, 128)}
+    for p in lengths_p:
+        row = {"prompt_len": p, "dense": protocol.split_perplexity(model, few, p, after)}
         for variant in ("topk", "magnitude"):
             install(model, density=0.5, variant=variant)
-            row[variant] = protocol.split_perplexity(model, windows, p, 128)
+            row[variant] = protocol.split_perplexity(model, few, p, after)
             uninstall(model)
         lengths.append(row)
         print(f"  P={p}: {row}", flush=True)
@@ -158,12 +165,13 @@ def main() -> None:
     for name, options in (("dense", None), ("griffin", {"variant": "topk"}), ("magnitude", {"variant": "magnitude"})):
         if options:
             install(model, density=0.5, mode="class", **options)
-        summary = evaluate_tasks(model, tokenizer, TASKS, limit=limit)
+        summary = evaluate_tasks(model, tokenizer, args.tasks, limit=limit)
         uninstall(model)
-        zeroshot[name] = {t: summary["tasks"][t].get("acc") for t in TASKS}
+        zeroshot[name] = {t: summary["tasks"][t].get("acc") for t in args.tasks}
         zeroshot[name]["average"] = summary["average"].get("acc")
         print(f"  {name}: {zeroshot[name]}", flush=True)
     results["zeroshot"] = zeroshot
+    results["meta"]["tasks"] = args.tasks
 
     # 5. expert overlap between tasks
     progress.step("expert overlap (Jaccard)")
@@ -188,7 +196,7 @@ def main() -> None:
     progress.step("greedy agreement with dense")
     import copy
 
-    gen_prompts = [w[:128] for w in windows[:8]]
+    gen_prompts = [w[:min(128, half)] for w in windows[:8]]
     agreement = {}
     for name, options in (("griffin", {"variant": "topk"}), ("magnitude", {"variant": "magnitude"})):
         pruned = copy.deepcopy(model)
@@ -200,20 +208,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = ["--model", args.model, "--data.seq_len", "512", "--data.eval_samples", str(args.windows)]
+        data = ["--model", args.model, "--data.seq_len", str(seq), "--data.eval_samples", str(args.windows)]
         # 7. GRIFFIN on FLAP 20% (both through the command line), vs each alone
         flap = common.run(["prune", *data, "--strategy", "flap", "--strategy.sparsity", "0.2", "--eval_dense", "false",
                            "--data.num_samples", str(args.num_samples)], work / "flap20", progress)
-        both = common.run(["prune", "--model", str(work / "flap20"), "--data.seq_len", "512", "--data.eval_samples",
+        both = common.run(["prune", "--model", str(work / "flap20"), "--data.seq_len", str(seq), "--data.eval_samples",
                            str(args.windows), "--strategy", "griffin", "--strategy.density", "0.5",
                            "--eval_dense", "false"], work / "flap20-griffin", progress)
         cut = load_model(str(work / "flap20"))
         composed = load_model(str(work / "flap20-griffin"))
         install(model, density=0.5)
         results["composition"] = {
-            "dense": split["dense"], "griffin": protocol.split_perplexity(model, windows, 256),
-            "flap20": protocol.split_perplexity(cut, windows, 256),
-            "flap20+griffin": protocol.split_perplexity(composed, windows, 256),
+            "dense": split["dense"], "griffin": protocol.split_perplexity(model, windows, half),
+            "flap20": protocol.split_perplexity(cut, windows, half),
+            "flap20+griffin": protocol.split_perplexity(composed, windows, half),
             "flap20_params": flap["pruned"]["params_total"], "composed_eval_perplexity": both["pruned"]["perplexity"],
             "flap20_eval_perplexity": flap["pruned"]["perplexity"]}
         uninstall(model)
@@ -226,11 +234,11 @@ def main() -> None:
 
 def speed(args, work: Path, progress) -> list[dict]:
     """One ``prunekit bench`` process: dense, the static cut, GRIFFIN per sequence and with the shared rule."""
+    quick = ["--eval_dense", "false", "--data.eval_samples", "1", "--data.seq_len", str(args.seq_len)]
+    common.run(["prune", "--model", args.model, "--strategy", "griffin", "--strategy.density", "0.5", *quick],
+               work / "griffin50", progress)
     common.run(["prune", "--model", args.model, "--strategy", "griffin", "--strategy.density", "0.5",
-                "--eval_dense", "false", "--data.eval_samples", "1"], work / "griffin50", progress)
-    common.run(["prune", "--model", args.model, "--strategy", "griffin", "--strategy.density", "0.5",
-                "--strategy.batch_rule", "shared", "--eval_dense", "false", "--data.eval_samples", "1"],
-               work / "griffin50-shared", progress)
+                "--strategy.batch_rule", "shared", *quick], work / "griffin50-shared", progress)
     static_cut(args.model, 0.5, work / "static-mlp50")
     bench_out = work / "bench.json"
     folders = [str(work / n) for n in ("static-mlp50", "griffin50", "griffin50-shared")]
@@ -256,7 +264,8 @@ def format_tables(r: dict) -> str:
     name = Path(m["model"]).name
     s = r["split"]
     lines = [f"{name}, GRIFFIN at density 0.5 (MLP neurons kept in generation); split perplexity on {m['windows']} "
-             f"held-out wiki windows of 512 tokens: prompt = first 256, the last 256 scored in generation; "
+             f"held-out wiki windows of {m['seq_len']} tokens: prompt = the first {m['seq_len'] // 2}, the last "
+             f"{m['seq_len'] - m['seq_len'] // 2} scored in generation; "
              f"{m['cpu_count']} CPU cores", "",
              "| model | split perplexity |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in s.items()]
@@ -264,26 +273,28 @@ def format_tables(r: dict) -> str:
     lines += ["", f"prefix mode vs prefill + token-by-token cached decoding, {pd['windows']} windows "
               f"({pd['tokens']} tokens): summed NLL {pd['prefix_nll']:.4f} vs {pd['decode_nll']:.4f} "
               f"(difference {pd['max_abs_diff_mean_nll']:.2e} per token)", ""]
-    lines += ["Density sweep (split perplexity):", "",
+    lines += [f"Density sweep (split perplexity, the first {m['sweep_windows']} windows):", "",
               "| density | " + " | ".join(f"{d:g}" for d in DENSITIES) + " |", "|---|" + "---|" * len(DENSITIES)]
     for variant in ("topk", "magnitude"):
         row = [x["perplexity"] for x in r["density_sweep"] if x["variant"] == variant]
         lines.append(f"| {'griffin' if variant == 'topk' else variant} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
-    lines += ["", "Prompt-length sweep (the 128 tokens after a prompt of P tokens, density 0.5):", "",
+    lines += ["", f"Prompt-length sweep (the {m['after']} tokens after a prompt of P tokens, density 0.5, the first "
+              f"{m['sweep_windows']} windows):", "",
               "| P | dense | griffin | magnitude |", "|---|---|---|---|"]
     lines += [f"| {x['prompt_len']} | {x['dense']:.2f} | {x['topk']:.2f} | {x['magnitude']:.2f} |" for x in r["prompt_sweep"]]
     z = r["zeroshot"]
     limit = f"first {m['limit']:g} documents per task" if m["limit"] else "all documents"
     lines += ["", f"Zero-shot, class mode (experts from every token but the last; the last position sparse), lm-eval "
-              f"acc, {limit}:", "", "| model | " + " | ".join(TASKS) + " | average |", "|---|" + "---|" * (len(TASKS) + 1)]
+              f"acc, {limit}:", "", "| model | " + " | ".join(m["tasks"]) + " | average |",
+              "|---|" + "---|" * (len(m["tasks"]) + 1)]
     for k, row in z.items():
-        lines.append(f"| {k} | " + " | ".join(f"{row[t]:.3f}" for t in TASKS) + f" | {row['average']:.3f} |")
+        lines.append(f"| {k} | " + " | ".join(f"{row[t]:.3f}" for t in m["tasks"]) + f" | {row['average']:.3f} |")
     j = r["jaccard"]
     lines += ["", f"Expert overlap (Jaccard, mean over layers, density 0.5): same task {j['same_task']:.3f}, "
               f"different tasks {j['different_task']:.3f} (two random half-sets: {j['chance']:.3f})"]
     a = r["agreement"]
-    lines += ["", "Greedy agreement with the dense model, 8 wiki prompts of 128 tokens, 64 new tokens (fidelity, not "
-              "quality):", "", "| model | same token at the same position | tokens before the first difference |",
+    lines += ["", f"Greedy agreement with the dense model, 8 wiki prompts of {min(128, m['seq_len'] // 2)} tokens, 64 new "
+              "tokens (fidelity, not quality):", "", "| model | same token at the same position | tokens before the first difference |",
               "|---|---|---|"]
     lines += [f"| {k} | {v['token_agreement']:.1%} | {v['tokens_before_first_difference']:.1f} |" for k, v in a.items()]
     c = r["composition"]
@@ -319,14 +330,14 @@ def plot(r: dict, path: Path) -> None:
     left.set_yscale("log")
     left.set_xlabel("density (fraction of MLP neurons kept in generation)")
     left.set_ylabel("split perplexity (log scale)")
-    left.set_title("density sweep (prompt 256, 256 scored)", fontsize=9)
+    left.set_title(f"density sweep (prompt {r['meta']['seq_len'] // 2}, the rest scored)", fontsize=9)
     left.legend(fontsize=8)
     xs = [x["prompt_len"] for x in r["prompt_sweep"]]
     for key, label in (("dense", "dense"), ("topk", "GRIFFIN 0.5"), ("magnitude", "magnitude 0.5")):
         right.plot(xs, [x[key] for x in r["prompt_sweep"]], marker="o", label=label)
     right.set_xscale("log", base=2)
     right.set_xlabel("prompt tokens P")
-    right.set_ylabel("perplexity of the next 128 tokens")
+    right.set_ylabel(f"perplexity of the next {r['meta']['after']} tokens")
     right.set_title("prompt-length sweep", fontsize=9)
     right.legend(fontsize=8)
     fig.suptitle(f"GRIFFIN on {Path(r['meta']['model']).name}", fontsize=10)

@@ -123,7 +123,10 @@ class PruneCLI(BaseCLI):
                                 f"{', '.join(registry.available())}")
         if not c.get("output_dir"):
             what = c.strategy.init_args.get("pattern", "unstructured")
-            if what == "unstructured":
+            if c.strategy.init_args.get("density") is not None:  # methods that state what they keep
+                what = f"density{c.strategy.init_args['density']:g}" \
+                    if isinstance(c.strategy.init_args["density"], (int, float)) else "per-layer"
+            elif what == "unstructured":
                 sparsity = c.strategy.init_args.get("sparsity")
                 what = f"{0.5 if sparsity is None else sparsity:g}"
             name = c.strategy.class_path.rsplit(".", 1)[-1].lower()

@@ -52,9 +52,9 @@ def split_nll(model, windows: torch.Tensor, prompt_len: int, scored: int | None 
     nll, count = 0.0, 0
     for row in windows:
         ids = row.unsqueeze(0)
-        if how == "prefix":
+        if how == "prefix":  # only the scored positions' logits are computed (the LM head is a large share)
             with runtime_mode(model, "prefix", prefix_or_none(model, prompt_len)):
-                logits = model(input_ids=ids, use_cache=False).logits[0, prompt_len - 1:-1]
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=scored + 1).logits[0, :-1]
         elif how == "decode":
             with runtime_mode(model, "gen"):
                 out = model(input_ids=ids[:, :prompt_len], use_cache=True)

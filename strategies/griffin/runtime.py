@@ -214,7 +214,7 @@ class GriffinRuntime(Runtime):
         self._model: nn.Module | None = None
         self._refs: dict[int, dict[str, Any]] = {}
         self._k: dict[int, int] = {}
-        self._static: dict[int, LayerExperts] = {}
+        self._static: dict[int, torch.Tensor] = {}  # magnitude: (1, k) experts per layer
         self._hooks: list = []
         self._calls: list[_Call] = []
         self._scoring: list[tuple[str, int | None]] = []
@@ -296,6 +296,12 @@ class GriffinRuntime(Runtime):
                                 f"{adapter.family} adapter does not provide one")
         self._model, self._refs = model, refs
         self._k = {i: int(float(densities[i]) * self._width(i)) for i in refs}
+        empty = [i for i, k in self._k.items() if k < 1 and self._width(i) > 0]
+        if empty:
+            i, width = empty[0], self._width(empty[0])
+            self._model, self._refs, self._k = None, {}, {}
+            raise PrunekitError(f"GRIFFIN density {densities[i]} keeps no neuron of layer {i} (int(density · "
+                                f"{width}) = 0); raise the density to at least {1 / width:.3g}")
         stack = model.get_submodule(adapter.layers_path.rsplit(".", 1)[0])
         self._hooks = [stack.register_forward_pre_hook(self._before, with_kwargs=True),
                        stack.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
@@ -307,8 +313,7 @@ class GriffinRuntime(Runtime):
         if self.variant == "magnitude":
             for i, roles in refs.items():
                 scores = magnitude_scores({r: ref.weight for r, ref in roles.items() if r in PRODUCERS})
-                rows = scores.topk(self._k[i]).indices.sort().values.unsqueeze(0)
-                self._static[i] = LayerExperts(rows)
+                self._static[i] = scores.topk(self._k[i]).indices.sort().values.unsqueeze(0)
 
     def remove(self, model: nn.Module) -> None:
         for h in self._hooks:
@@ -434,7 +439,7 @@ class GriffinRuntime(Runtime):
         z3 = z.view(call.batch, call.length, -1) if flat else z
         k = self._k[layer]
         if self.variant == "magnitude":
-            rows = self._static[layer].rows.expand(call.batch, -1)
+            rows = self._static[layer].expand(call.batch, -1)
         else:
             s = neuron_scores(z3, call.prompt)
             if self.batch_rule == "shared":
@@ -452,12 +457,7 @@ class GriffinRuntime(Runtime):
         return z3.reshape(z.shape) if flat else z3
 
     def _experts(self, call: _Call, layer: int) -> LayerExperts:
-        experts = call.state.layers[layer]
-        if self.variant == "magnitude":
-            static = self._static[layer]  # one set for every sequence: gathered once per installed model
-            if not static.weights:
-                static.gather(self._refs[layer])
-            return static
+        experts = call.state.layers[layer]  # gathered per sequence, from the weights as they are now
         if not experts.weights:  # first generation step of this batch
             call.state.gather_s += experts.gather(self._refs[layer])
             self.last_gather = {"seconds": call.state.gather_s, "batch": call.batch,
@@ -483,8 +483,6 @@ class GriffinRuntime(Runtime):
         if state is None:
             raise PrunekitError("this cache holds no GRIFFIN experts (was the prompt run through the GRIFFIN model "
                                 "with use_cache=True?)")
-        if self.variant == "magnitude":
-            return {i: e.rows.expand(state.batch, -1) for i, e in self._static.items()}
         return {i: e.rows for i, e in state.layers.items()}
 
     def decode_macs(self, model: nn.Module) -> int:

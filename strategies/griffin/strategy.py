@@ -45,9 +45,9 @@ class Griffin(PruningStrategy):
                  batch_rule: Literal["per_sequence", "shared"] = "per_sequence", seed: int = 0) -> None:
         densities = density if isinstance(density, (list, tuple)) else [density]
         super().__init__(sparsity=0.0, modules=["mlp"])
+        GriffinRuntime(density, variant, mode, prefix, batch_rule, seed)  # option errors now, before any model loads
         self.options = dict(density=list(density) if isinstance(density, (list, tuple)) else float(density),
                             variant=variant, mode=mode, prefix=prefix, batch_rule=batch_rule, seed=seed)
-        GriffinRuntime(**self.options)  # option errors now, before any model is loaded
         self.density = density
         self.sparsity = 1 - sum(float(d) for d in densities) / len(densities)
 
