@@ -336,8 +336,9 @@ def plot(r: dict, path: Path) -> None:
     for key, label in (("dense", "dense"), ("topk", "GRIFFIN 0.5"), ("magnitude", "magnitude 0.5")):
         right.plot(xs, [x[key] for x in r["prompt_sweep"]], marker="o", label=label)
     right.set_xscale("log", base=2)
+    right.set_yscale("log")
     right.set_xlabel("prompt tokens P")
-    right.set_ylabel(f"perplexity of the next {r['meta']['after']} tokens")
+    right.set_ylabel(f"perplexity of the next {r['meta']['after']} tokens (log scale)")
     right.set_title("prompt-length sweep", fontsize=9)
     right.legend(fontsize=8)
     fig.suptitle(f"GRIFFIN on {Path(r['meta']['model']).name}", fontsize=10)
@@ -357,8 +358,8 @@ def plot_jaccard(j: dict, path: Path) -> None:
     ticks = [i for i, label in enumerate(j["labels"]) if i == 0 or j["labels"][i - 1] != label]
     ax.set_xticks(ticks, [j["labels"][i] for i in ticks], rotation=30, fontsize=8)
     ax.set_yticks(ticks, [j["labels"][i] for i in ticks], fontsize=8)
-    ax.set_title(f"expert-set Jaccard between prompts (same task {j['same_task']:.2f}, "
-                 f"different {j['different_task']:.2f})", fontsize=9)
+    ax.set_title(f"expert-set Jaccard between prompts, mean over layers\nsame task {j['same_task']:.2f}, "
+                 f"different tasks {j['different_task']:.2f}, random half-sets {j['chance']:.2f}", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
