@@ -84,6 +84,8 @@ def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows (--seq_len tokens) for split perplexity")
     parser.add_argument("--tasks", nargs="+", default=TASKS, help="zero-shot tasks (class mode)")
+    parser.add_argument("--densities", nargs="+", type=float, default=DENSITIES, help="density sweep")
+    parser.add_argument("--prompt_lengths", nargs="+", type=int, default=PROMPT_LENGTHS, help="prompt-length sweep")
     parser.add_argument("--limit", type=float, default=100, help="lm-eval documents per task (class mode)")
     parser.add_argument("--sweep_windows", type=int, default=6, help="windows for the density and prompt sweeps")
     parser.add_argument("--decode_check", type=int, default=2, help="windows scored token by token too")
@@ -110,12 +112,12 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     seq, half = args.seq_len, args.seq_len // 2
     after = min(128, seq // 4)  # tokens scored after each prompt in the prompt-length sweep
-    lengths_p = [p for p in PROMPT_LENGTHS if p + after <= seq]
+    lengths_p = [p for p in args.prompt_lengths if p + after <= seq]
     dm = CalibrationDataModule(args.model, seq_len=seq, eval_samples=args.windows)
     windows = dm.evaluation_windows()
     few = windows[:args.sweep_windows]
     results: dict = {"meta": {"model": args.model, "windows": int(windows.shape[0]), "seq_len": seq, "after": after,
-                              "sweep_windows": int(few.shape[0]),
+                              "sweep_windows": int(few.shape[0]), "densities": args.densities,
                               "limit": args.limit, "cpu_count": os.cpu_count(),
                               "threads": torch.get_num_threads()}}
 
@@ -140,7 +142,7 @@ def main() -> None:
     progress.step("density sweep")
     sweep = []
     for variant in ("topk", "magnitude"):
-        for d in DENSITIES:
+        for d in args.densities:
             install(model, density=d, variant=variant)
             sweep.append({"variant": variant, "density": d, "perplexity": protocol.split_perplexity(model, few, half)})
             print(f"  {variant} {d}: {sweep[-1]['perplexity']:.3f}", flush=True)
@@ -274,7 +276,7 @@ def format_tables(r: dict) -> str:
               f"({pd['tokens']} tokens): summed NLL {pd['prefix_nll']:.4f} vs {pd['decode_nll']:.4f} "
               f"(difference {pd['max_abs_diff_mean_nll']:.2e} per token)", ""]
     lines += [f"Density sweep (split perplexity, the first {m['sweep_windows']} windows):", "",
-              "| density | " + " | ".join(f"{d:g}" for d in DENSITIES) + " |", "|---|" + "---|" * len(DENSITIES)]
+              "| density | " + " | ".join(f"{d:g}" for d in m["densities"]) + " |", "|---|" + "---|" * len(m["densities"])]
     for variant in ("topk", "magnitude"):
         row = [x["perplexity"] for x in r["density_sweep"] if x["variant"] == variant]
         lines.append(f"| {'griffin' if variant == 'topk' else variant} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
