@@ -304,7 +304,7 @@ def evaluate(cli) -> dict:
         runtime = runtime_of(module.model)
         if runtime is None:
             raise PrunekitError(f"--runtime sets options of a dynamic method's runtime, but {module.model_name} "
-                                "has none (it was not pruned with a runtime-policy method such as griffin)")
+                                "has none (it was not pruned by a method that installs a runtime)")
         runtime.configure(**c.runtime)
     tasks = [n for n in names if n != "perplexity"]
     if tasks:  # every requested task has a model to answer it, before any work

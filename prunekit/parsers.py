@@ -153,7 +153,7 @@ class EvalCLI(BaseCLI):
                             help="Generated tokens per answer for generation tasks (lm-eval default 256).")
         parser.add_argument("--runtime", type=dict | None, default=None,
                             help="Options for a dynamic method's runtime saved in the folder, e.g. "
-                                 "--runtime '{mode: class}' for GRIFFIN.")
+                                 "--runtime '{mode: class}'.")
 
     def before_instantiate_classes(self) -> None:
         from prunekit.tasks import expand
