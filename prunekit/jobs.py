@@ -278,7 +278,8 @@ def _print_prune(result: dict, strategy, calibration_text: str, dm, trainer) -> 
         print(f"per-layer widths (MLP channels / attention heads): {widths}")
         print(f"removed: {pruned['pruned_fraction']:.1%} of attention+MLP weights (requested "
               f"{strategy.sparsity:.0%}), {pruned['params_removed_fraction']:.1%} of all parameters")
-    elif pruned["pruned_fraction"] > 0 or "runtime" not in pruned:  # a runtime alone has no zeros to list
+    elif "runtime" not in pruned or max(pruned["per_layer_sparsity"].values(), default=0) >= 0.005:
+        # (a runtime over a dense model has no zeros worth a line)
         per_layer = " ".join(f"{i}:{v:.0%}" for i, v in pruned["per_layer_sparsity"].items())
         print(f"per-layer sparsity: {per_layer}")
     if "runtime" in pruned:
