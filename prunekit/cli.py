@@ -171,12 +171,22 @@ def _parser_message(text: str) -> str:
     every type and subclass it tried."""
     import re
 
+    from prunekit import registry
+
     keys = re.findall(r'Parser key "([^"]+)"', text)
-    given = re.findall(r"Given value: (.*)", text)
+    given = re.findall(r"(?:Given|Got) value: (.*)", text)
     expected = [t for t in dict.fromkeys(re.findall(r"Expected a <class '([^']+)'>", text)) if t != "NoneType"]
+    unknown = re.search(r"Option '([^']+)' is not accepted", text)
+    if keys and unknown:  # an option the chosen class does not take, e.g. --strategy.modules of a method without it
+        cls = re.search(r"class_path '([^']+)'", text)
+        names = [n for n in registry.available() if cls and registry.class_path(n) == cls.group(1)]
+        what = names[0] if names else (cls.group(1).rsplit(".", 1)[-1] if cls else keys[0])
+        see = f"; its options: prunekit prune --{keys[0]}.help {what}" if names else ""
+        return f"--{keys[0]}.{unknown.group(1)}: {what} has no option {unknown.group(1)!r}{see}"
     if keys and given and "NestedArg" not in given[0]:
         need = f"a {' or '.join(expected)}" if expected else "another value"
-        return f"--{'.'.join(keys)}: got {given[0]!r}, which is not {need}"
+        hint = " (write a list as [a,b])" if "list" in expected else ""
+        return f"--{'.'.join(keys)}: got {given[0]!r}, which is not {need}{hint}"
     lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
     return lines[0] if lines else "invalid arguments"
 
