@@ -18,8 +18,9 @@ Notation (the loss L is the cross-entropy on the gold continuation tokens only):
 | fisher | Σ_d mean_t (a·g)² | mean_t (u_j · ∂L/∂u_j)² |
 | snip | |Σ_t Σ_d a·g| = |∂L/∂m_h| for a unit mask m_h on the head's context | |Σ_t z_j ∂L/∂z_j| = |∂L/∂m_j| |
 
-Per-example weight gradients are formed from the traces (∂L/∂W_r[j,:] = Σ_t ∂L/∂y_r[t,j] x_t), so a batch of several
-examples gives each its own score. Tokens outside ``mask`` (padding) count nowhere.
+Each criterion reads its neurons at one site (``Criterion.neuron_site``): the pre-activation u, the consumer input z,
+or the producers' weights with their gradients — the last only per example when a batch holds one example (the
+``documents`` packing of task calibration data does). Tokens outside ``mask`` (padding) count nowhere.
 """
 
 from __future__ import annotations
@@ -30,27 +31,6 @@ from typing import Callable
 import torch
 
 from prunekit.errors import PrunekitError
-
-
-@dataclass
-class NeuronTrace:
-    """One layer's MLP tensors for a batch of examples (see the module docstring)."""
-
-    x: torch.Tensor  # (B, T, in)
-    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # producer role → (y, ∂L/∂y), each (B, T, D)
-    weights: dict[str, torch.Tensor]  # producer role → (D, in)
-    z: torch.Tensor  # (B, T, D)
-    gz: torch.Tensor  # (B, T, D)
-    mask: torch.Tensor  # (B, T) bool
-
-    @property
-    def u(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.outputs["gate"] if "gate" in self.outputs else self.outputs["fc1"]
-
-    def weight_grads(self) -> dict[str, torch.Tensor]:
-        """Per-example ∂L/∂W_r (B, D, in) from the traces."""
-        m = self.mask.unsqueeze(-1).to(self.x.dtype)
-        return {r: torch.einsum("btd,bti->bdi", gy * m, self.x * m) for r, (_, gy) in self.outputs.items()}
 
 
 def _m(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -78,40 +58,60 @@ def _head_snip(a, g, mask):
     return ((a * g).sum(-1) * _m(mask, a[..., 0])).sum(1).abs()
 
 
-def _neuron_plainact(t: NeuronTrace):
-    return sum((t.weights[r].unsqueeze(0) * grad).abs().sum(-1) for r, grad in t.weight_grads().items())
+def _neuron_l2(u, gu, mask):
+    return (u.pow(2) * _m(mask, u)).sum(1).sqrt()
 
 
-def _neuron_l2(t: NeuronTrace):
-    u, _ = t.u
-    return (u.pow(2) * _m(t.mask, u)).sum(1).sqrt()
-
-
-def _neuron_grad_norm(t: NeuronTrace):
-    return sum(grad.pow(2).sum(-1) for grad in t.weight_grads().values()).sqrt()
-
-
-def _neuron_fisher(t: NeuronTrace):
-    u, gu = t.u
-    m = _m(t.mask, u)
+def _neuron_fisher(u, gu, mask):
+    m = _m(mask, u)
     return ((u * gu).pow(2) * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def _neuron_snip(t: NeuronTrace):
-    return (t.z * t.gz * _m(t.mask, t.z)).sum(1).abs()
+def _neuron_snip(z, gz, mask):
+    return (z * gz * _m(mask, z)).sum(1).abs()
+
+
+def _weight_plainact(w, g):
+    return (w * g).abs().sum(-1)
+
+
+def _weight_grad_sq(w, g):
+    return g.pow(2).sum(-1)
+
+
+def _sum(rows):
+    return sum(rows)
+
+
+def _root_of_sum(rows):
+    return sum(rows).sqrt()
 
 
 @dataclass(frozen=True)
 class Criterion:
-    """A named criterion: per-example head scores (B, H) from (a, g, mask), neuron scores (B, D) from a trace."""
+    """A named criterion.
+
+    ``heads(a, g, mask)`` → (B, H) per example. Neurons are read at ``neuron_site``: ``pre`` (u and ∂L/∂u: the
+    gate/fc1 output), ``mid`` (z and ∂L/∂z: the consumer's input) — ``neurons(t, ∂L/∂t, mask)`` → (B, D) — or
+    ``weights`` (each producer's weight and its gradient for one example: ``neurons(W, ∂L/∂W)`` → (D,), and
+    ``combine`` joins the producers' rows).
+    """
 
     name: str
     heads: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    neurons: Callable[[NeuronTrace], torch.Tensor]
+    neuron_site: str
+    neurons: Callable[..., torch.Tensor]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] = _sum
     needs_grad: bool = True
     doc: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        if self.neuron_site not in NEURON_SITES:
+            raise PrunekitError(f"criterion {self.name!r}: neuron_site must be one of {NEURON_SITES}, "
+                                f"got {self.neuron_site!r}")
 
+
+NEURON_SITES = ("pre", "mid", "weights")
 CRITERIA: dict[str, Criterion] = {}
 
 
@@ -129,9 +129,9 @@ def get(name: str) -> Criterion:
     return CRITERIA[name]
 
 
-for _c in (Criterion("plainact", _head_plainact, _neuron_plainact, doc="ShadowLLM's choice"),
-           Criterion("l2_norm", _head_l2, _neuron_l2, needs_grad=False, doc="DejaVu's target"),
-           Criterion("grad_norm", _head_grad_norm, _neuron_grad_norm),
-           Criterion("fisher", _head_fisher, _neuron_fisher),
-           Criterion("snip", _head_snip, _neuron_snip)):
+for _c in (Criterion("plainact", _head_plainact, "weights", _weight_plainact, doc="ShadowLLM's choice"),
+           Criterion("l2_norm", _head_l2, "pre", _neuron_l2, needs_grad=False, doc="DejaVu's target"),
+           Criterion("grad_norm", _head_grad_norm, "weights", _weight_grad_sq, _root_of_sum),
+           Criterion("fisher", _head_fisher, "pre", _neuron_fisher),
+           Criterion("snip", _head_snip, "mid", _neuron_snip)):
     register(_c)
