@@ -28,7 +28,7 @@ def tiny_llama(tiny_models) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The real-model and slow tests first (stable otherwise): with ``pytest -n 2 --dist loadscope`` (make test)
+    """The real-model and slow tests first (stable otherwise): with ``pytest -n 2 --dist worksteal`` (make test)
     the two workers then start on the long modules and finish together."""
     def weight(item) -> int:
         return 0 if item.get_closest_marker("real") else 1 if item.get_closest_marker("slow") else 2

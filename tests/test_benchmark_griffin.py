@@ -1,5 +1,4 @@
-"""GRIFFIN's benchmark script end to end on a tiny model (its own module, so ``--dist loadscope`` runs it beside
-the other benchmark scripts)."""
+"""GRIFFIN's benchmark script end to end on a tiny model (its own module, beside the other benchmark scripts)."""
 
 from __future__ import annotations
 
