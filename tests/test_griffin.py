@@ -804,3 +804,22 @@ def test_eval_runtime_options(composed, tiny_llama, tmp_path, monkeypatch, capsy
     assert main(["eval", "--model", str(tiny_llama), "--tasks", "[perplexity]", "--runtime", "{mode: class}", *DATA,
                  "--output_dir", str(tmp_path / "plain")]) == 2
     assert "--runtime" in capsys.readouterr().err
+
+
+def test_sampling_generation_uses_the_prompt_experts():
+    """generate with do_sample=True: reproducible under a seed, and every step's logits equal the teacher-forced
+    prefix-mode logits of the sampled sequence (the prompt's experts decoded every sampled token)."""
+    model, _, rt = _pair("llama")
+    ids = _ids(1, 9, seed=77)
+    kwargs = dict(do_sample=True, top_k=0, temperature=1.0, max_new_tokens=6, min_new_tokens=6, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True, attention_mask=torch.ones_like(ids))
+    torch.manual_seed(11)
+    first = model.generate(ids, **kwargs)
+    torch.manual_seed(11)
+    again = model.generate(ids, **kwargs)
+    assert torch.equal(first.sequences, again.sequences)
+    rt.configure(mode="prefix", prefix=ids.shape[1])
+    forced = model(first.sequences[:, :-1], use_cache=False).logits[0, ids.shape[1] - 1:]
+    steps = torch.cat(first.logits)
+    assert torch.allclose(forced, steps, atol=1e-5)
+    rt.configure(mode="gen")
