@@ -154,8 +154,9 @@ def prune(cli) -> dict:
     report["calibrate_prune_s"] = calibrate_s
     from prunekit.realize.runtime import runtime_of
 
-    if runtime_of(realized) is not None and runtime_of(realized).notes(dm.seq_len):
-        report["runtime_notes"] = runtime_of(realized).notes(dm.seq_len)
+    notes = runtime_of(realized).notes(dm.seq_len) if runtime_of(realized) is not None else []
+    if notes:
+        report["runtime_notes"] = notes
     result["plan"] = plan.kind
     evaluated = []
     for label, member in realizer.members(realized):
@@ -333,9 +334,9 @@ def evaluate(cli) -> dict:
                        "eval_corpus": dm.eval_corpus})
         from prunekit.realize.runtime import runtime_of
 
-        if runtime_of(module.model) is not None:
-            result["runtime"] = runtime_of(module.model).describe()
-            result["runtime_notes"] = runtime_of(module.model).notes(dm.seq_len)
+        runtime = runtime_of(module.model)
+        if runtime is not None:
+            result["runtime"], result["runtime_notes"] = runtime.describe(), runtime.notes(dm.seq_len)
         if "" in scores:
             result["perplexity"] = scores[""]["perplexity"]
         else:

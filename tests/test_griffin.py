@@ -92,6 +92,15 @@ def _capture(model, batch: int):
             h.remove()
 
 
+def _assert_step_is_masked_dense(model, dense, out, ids, nxt, experts) -> None:
+    """One generation step of ``model`` after the prompt ``ids`` (its output ``out``) equals the dense model's step
+    with every neuron outside each row's experts zeroed (1e-6)."""
+    step = model(nxt, past_key_values=out.past_key_values).logits
+    d = dense(ids, use_cache=True)
+    with _masked(dense, experts):
+        torch.testing.assert_close(step, dense(nxt, past_key_values=d.past_key_values).logits, rtol=0, atol=1e-6)
+
+
 @contextmanager
 def _masked(model, experts: dict[int, torch.Tensor], where: torch.Tensor | None = None):
     """Zero, at every consumer's input, the neurons outside row b's experts (at positions ``where`` (B, T), or
@@ -422,10 +431,7 @@ def test_sampling_variants(variant):
     out = model(ids, use_cache=True)
     experts = rt.experts_of(out.past_key_values)
     nxt = _ids(2, 1, seed=62)
-    step = model(nxt, past_key_values=out.past_key_values).logits
-    d = dense(ids, use_cache=True)
-    with _masked(dense, experts):
-        torch.testing.assert_close(step, dense(nxt, past_key_values=d.past_key_values).logits, rtol=0, atol=1e-6)
+    _assert_step_is_masked_dense(model, dense, out, ids, nxt, experts)
 
 
 def test_sample_draws_zero_score_neurons_last():
@@ -463,10 +469,7 @@ def test_magnitude_variant_is_one_static_set(family):
         assert e.shape == (2, k) and torch.equal(e[0], e[1])
         _assert_top(e[0], score, k, f"layer {i}")
     nxt = _ids(2, 1, seed=81)
-    step = model(nxt, past_key_values=out.past_key_values).logits
-    d = dense(ids, use_cache=True)
-    with _masked(dense, experts):
-        torch.testing.assert_close(step, dense(nxt, past_key_values=d.past_key_values).logits, rtol=0, atol=1e-6)
+    _assert_step_is_masked_dense(model, dense, out, ids, nxt, experts)
     refs = {r.role: r.weight for r in adapter_for(dense).linears(dense) if r.layer == 0 and r.role in ("gate", "up", "fc1")}
     assert torch.equal(magnitude_scores(refs).topk(k).indices.sort().values, experts[0][0])
 
@@ -541,10 +544,7 @@ def test_one_token_prompt_chooses_from_that_token(family):
         for b in range(2):
             _assert_top(e[b], s[b], int(0.5 * tiny.FFN), f"layer {i} row {b}")
     nxt = _ids(2, 1, seed=91)
-    step = model(nxt, past_key_values=out.past_key_values).logits
-    d = dense(ids, use_cache=True)
-    with _masked(dense, experts):
-        torch.testing.assert_close(step, dense(nxt, past_key_values=d.past_key_values).logits, rtol=0, atol=1e-6)
+    _assert_step_is_masked_dense(model, dense, out, ids, nxt, experts)
 
 
 def test_class_mode_needs_two_tokens_and_the_model_still_works_after():
