@@ -354,14 +354,16 @@ class CalibrationDataModule(pl.LightningDataModule):
                                         "needed; lower num_samples (0 = all) or set data.allow_fewer=true")
                 for i in order[:count]:
                     doc = docs[i]
-                    ids = tok(text_of(doc), return_attention_mask=False, verbose=False)["input_ids"][: self.seq_len]
-                    if not ids:
+                    ids = tok(text_of(doc), return_attention_mask=False, verbose=False)["input_ids"]
+                    cut = max(0, len(ids) - self.seq_len) if not isinstance(doc, str) else 0
+                    ids = ids[cut:cut + self.seq_len]  # an answered example loses its context's start, as lm-eval
+                    if not ids:                        # truncates a request: the answer stays in
                         raise PrunekitError(f"calibration source {name!r} has a document with no tokens")
                     mask = torch.ones(len(ids), dtype=torch.bool)
                     mask[0] = False
                     if not isinstance(doc, str):  # the loss is on the continuation (as lm-eval splits a request)
-                        context = len(tok(doc[0], return_attention_mask=False, verbose=False)["input_ids"])
-                        mask[: min(context, len(ids))] = False
+                        context = len(tok(doc[0], return_attention_mask=False, verbose=False)["input_ids"]) - cut
+                        mask[: max(1, min(context, len(ids)))] = False
                     sequences.append(torch.tensor(ids, dtype=torch.long))
                     labels.append(index)
                     masks.append(mask)

@@ -102,7 +102,9 @@ def token_loss(logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -
     """Mean next-token cross-entropy over the target tokens (position t is predicted at t − 1)."""
     chosen = targets[:, 1:]
     if not chosen.any():
-        raise PrunekitError("a calibration batch has no target tokens for the loss (loss_mask is empty)")
+        raise PrunekitError("a calibration batch has no target tokens for the loss (its loss_mask is empty: a task "
+                            "example cut before its answer by --data.seq_len, or an answer of no tokens); raise "
+                            "--data.seq_len or drop the example")
     logp = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                              ids[:, 1:].reshape(-1), reduction="none").view_as(chosen)
     return logp[chosen].mean()

@@ -173,7 +173,7 @@ def load_cut(path: str | Path, dtype: str = "float32") -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
         apply_structure(model, json.loads(spec_file.read_text())["layers"])
     state = {}
-    for shard in sorted(path.glob("*.safetensors")):
+    for shard in sorted(path.glob("model*.safetensors")):  # the model's shards only (not runtime.safetensors)
         state.update(load_file(str(shard)))
     state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in _renamed_for(model, state).items()}
     # assign: the loaded tensors become the parameters (no second copy of the weights in memory)

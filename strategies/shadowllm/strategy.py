@@ -58,6 +58,57 @@ def normalised_targets(table: dict, layers: list[int]) -> tuple[torch.Tensor, li
     return torch.cat(parts, dim=1), blocks
 
 
+def train_predictors(design: str, table: dict, feats: dict, layers: list[int], *, hidden: int | None = None,
+                     epochs: int = 50, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 32,
+                     holdout: float = 0.2, seed: int = 0, binary: bool = False, keep: float = 0.5):
+    """Train the predictors of ``design`` on per-example criterion scores ``table`` (``traces.per_example``) and
+    features ``feats`` (``traces.features``): ``(predictor, blocks, report)``. A seeded ``holdout`` fraction of
+    the examples is kept out of training; the report gives its mean per-example Spearman ρ per kind (heads,
+    neurons; for dejavu averaged over layers). ``keep``: the binary DejaVu form's positive fraction."""
+    from prunekit.strategies.shadowllm import predictor as P
+
+    count = int(table["index"].numel())
+    if count < 2:
+        raise PrunekitError(f"the predictors train on the calibration examples: got {count}, need at least 2 "
+                            "(raise --data.num_samples)")
+    train, held = split_examples(count, holdout, seed)
+    targets, blocks = normalised_targets(table, layers)
+    fit = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    size = {"hidden": hidden} if hidden else {}
+    report: dict[str, Any] = {"examples": count, "train": int(train.numel()), "held_out": int(held.numel())}
+    if design == "shadowllm":
+        x = feats["layer0"].float()  # the predictor min-max normalises its input itself
+        with _seeded(seed):
+            net = P.ShadowPredictor(x.shape[1], blocks, **size)
+        val = (x[held], targets[held]) if held.numel() else None
+        report["fit"] = P.fit(net, x[train], targets[train], val=val, **fit)
+        if held.numel():
+            with torch.no_grad():
+                report["spearman"] = _spearman_blocks(P, net(x[held]), targets[held], blocks)
+        return net.eval(), blocks, report
+    predictor, rhos, fits = {}, {}, {}
+    for i in layers:
+        x = feats["inputs"][i].float()
+        own = [b for b in blocks if int(b[0].split(".")[0]) == i]
+        y = torch.cat([minmax(table[k][i].float()) for k in ("heads", "neurons")], dim=1)
+        with _seeded(seed * 1009 + i):
+            net = P.LayerPredictor(x.shape[1], own, binary=binary, **size)
+        truth = y
+        if binary:
+            y = P.binary_targets(y, own, keep)  # DejaVu's per-batch weighting (pos_weight None)
+        fits[i] = P.fit(net, x[train], y[train], loss="bce" if binary else "mse",
+                        val=(x[held], y[held]) if held.numel() else None, **fit)
+        if held.numel():
+            with torch.no_grad():
+                rhos[i] = _spearman_blocks(P, net(x[held]), truth[held], own)
+        predictor[i] = net.eval()
+    report["fit"] = {"final_train_loss": {i: f["train_loss"][-1] for i, f in fits.items()},
+                     "val_loss": {i: f.get("val_loss") for i, f in fits.items()}}
+    if rhos:
+        report["spearman"] = {kind: sum(r[kind] for r in rhos.values()) / len(rhos) for kind in ("heads", "neurons")}
+    return predictor, blocks, report
+
+
 class _Dynamic(PruningStrategy):
     design = "shadowllm"
     default_criterion = "plainact"
@@ -105,57 +156,14 @@ class _Dynamic(PruningStrategy):
         return traces.observers(model, self.criterion, layers) + traces.feature_observers(model, inputs)
 
     def decide(self, model: nn.Module, observed, layer, context) -> RuntimePolicy:
-        from prunekit.strategies.shadowllm import predictor as P
-
         layers = self._layers(model)
         table = traces.per_example(model, observed, self.criterion, layers)
         feats = traces.features(observed, layers if self.design == "dejavu" else None)
-        count = int(table["index"].numel())
-        if count < 2:
-            raise PrunekitError(f"{self.name} trains predictors on the calibration examples: got {count}, need at "
-                                "least 2 (raise --data.num_samples)")
-        train, held = split_examples(count, self.holdout, self.seed)
-        targets, blocks = normalised_targets(table, layers)
-        fit = dict(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
-                   seed=self.seed)
-        keep = 1 - self.sparsity
-        report: dict[str, Any] = {"examples": count, "train": int(train.numel()), "held_out": int(held.numel()),
-                                  "criterion": self.criterion.name}
-        if self.design == "shadowllm":
-            x = feats["layer0"].float()  # the predictor min-max normalises its input itself
-            with _seeded(self.seed):
-                net = P.ShadowPredictor(x.shape[1], blocks, **({"hidden": self.hidden} if self.hidden else {}))
-            val = (x[held], targets[held]) if held.numel() else None
-            report["fit"] = P.fit(net, x[train], targets[train], val=val, **fit)
-            if held.numel():
-                with torch.no_grad():
-                    rho = _spearman_blocks(P, net(x[held]), targets[held], blocks)
-                report["spearman"] = rho
-            predictor: Any = net.eval()
-        else:
-            predictor, rhos, fits = {}, {}, {}
-            for i in layers:
-                x = feats["inputs"][i].float()
-                own = [b for b in blocks if int(b[0].split(".")[0]) == i]
-                y = torch.cat([minmax(table[k][i].float()) for k in ("heads", "neurons")], dim=1)
-                kwargs = {"hidden": self.hidden} if self.hidden else {}
-                with _seeded(self.seed * 1009 + i):
-                    net = P.LayerPredictor(x.shape[1], own, binary=self.binary, **kwargs)
-                if self.binary:
-                    y = P.binary_targets(y, own, keep)  # DejaVu's per-batch weighting (pos_weight None)
-                    fits[i] = P.fit(net, x[train], y[train], loss="bce",
-                                    val=(x[held], y[held]) if held.numel() else None, **fit)
-                else:
-                    fits[i] = P.fit(net, x[train], y[train], val=(x[held], y[held]) if held.numel() else None, **fit)
-                if held.numel():
-                    truth = torch.cat([minmax(table[k][i][held].float()) for k in ("heads", "neurons")], dim=1)
-                    with torch.no_grad():
-                        rhos[i] = _spearman_blocks(P, net(x[held]), truth, own)
-                predictor[i] = net.eval()
-            report["fit"] = {"final_train_loss": {i: f["train_loss"][-1] for i, f in fits.items()},
-                             "val_loss": {i: f.get("val_loss") for i, f in fits.items()}}
-            if rhos:
-                report["spearman"] = {kind: sum(r[kind] for r in rhos.values()) / len(rhos) for kind in ("heads", "neurons")}
+        predictor, blocks, report = train_predictors(
+            self.design, table, feats, layers, hidden=self.hidden, epochs=self.epochs, lr=self.lr,
+            weight_decay=self.weight_decay, batch_size=self.batch_size, holdout=self.holdout, seed=self.seed,
+            binary=self.binary, keep=1 - self.sparsity)
+        report["criterion"] = self.criterion.name
         self.report = report
         runtime = ShadowRuntime(predictor, blocks, **self.runtime_options,
                                 report={k: report[k] for k in ("criterion", "examples", "held_out", "spearman")
