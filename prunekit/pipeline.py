@@ -14,6 +14,11 @@ example is seen by exactly one process), feeds the strategy's observers, reduces
 - ``gradient``: forward and backward per batch; the loss is the mean next-token cross-entropy over the tokens
   the batch marks as targets (``loss_mask``, e.g. only the gold continuation of a task prompt; default every
   token but the first). Observers read activations, their gradients and weight gradients.
+- ``probe``: the strategy computes per-batch tables itself — ``strategy.probe_batch(model, batch)`` returns
+  ``{key: tensor (rows, ...)}`` with one row per example, or one row per batch — for criteria that need more than
+  one forward/backward per batch (a double backward, a kernel over the batch's examples). The rows are kept as
+  per-example records (a batch's row under its first example's index; per calibration source when the strategy
+  keeps ``per_source``), reduced across processes, and read by ``decide`` as ``observed[key]["s"]``.
 - ``statistics``: no pass at all — the observers' state is read from a ``statistics.safetensors`` that an
   earlier all-at-once or gradient pass saved (same model and data, checked by fingerprint).
 
@@ -230,6 +235,78 @@ class Gradient(AllAtOnce):
     gradient = True
 
 
+class ProbePass(Pass):
+    """Calls ``strategy.probe_batch(model, batch)`` per calibration batch and records its rows."""
+
+    def __init__(self, model: nn.Module, strategy, store: "_ProbeStore") -> None:
+        super().__init__(model, f"calibration ({strategy.name} probes)")
+        self.strategy, self.store = strategy, store
+        self._seen = 0
+
+    def predict_step(self, batch, batch_idx: int) -> None:
+        b = as_batch(batch, self._seen)
+        self._seen += b.size
+        b = Batch(b.input_ids.to(self.device), b.index, b.source,
+                  None if b.loss_mask is None else b.loss_mask.to(self.device))
+        with torch.enable_grad():
+            tables = self.strategy.probe_batch(self.model, b)
+        self.store.add(tables, b)
+        return None
+
+
+class _ProbeStore:
+    """Per-key records of a probe pipeline (``Records``; per source too when ``sources`` is given)."""
+
+    def __init__(self, sources: list[str] | None) -> None:
+        self.sources = sources
+        self.records: dict[str, dict] = {}
+
+    def add(self, tables: dict[str, torch.Tensor], batch: Batch) -> None:
+        from prunekit.stats import Records
+
+        for key, rows in tables.items():
+            rows = rows.detach()
+            index = batch.index if rows.shape[0] == batch.size else batch.index[:1]
+            if rows.shape[0] != index.numel():
+                raise PrunekitError(f"probe {key!r} returned {rows.shape[0]} rows for a batch of {batch.size} "
+                                    "examples: return one row per example or one per batch")
+            slot = Batch(batch.input_ids[: rows.shape[0]], index, batch.source)
+            stats = self.records.setdefault(key, {})
+            names = ["s"] + ([f"s@{self.sources[batch.source]}"] if self.sources and batch.source is not None else [])
+            for name in names:
+                stats.setdefault(name, Records(0)).update(rows, batch=slot)
+
+    def reduce(self, comm: Comm) -> None:
+        """Every process builds the same records (a source's examples may all be on one process), then each is
+        gathered in one order everywhere."""
+        from prunekit.stats import Records
+
+        names = sorted({(k, n) for part in comm.gather_objects(sorted((k, n) for k, v in self.records.items()
+                                                                        for n in v)) for k, n in part})
+        for key, name in names:
+            self.records.setdefault(key, {}).setdefault(name, Records(0)).reduce(comm)
+
+    def results(self):
+        from prunekit.observe import Observed
+
+        return Observed(self.records)
+
+
+class ProbePipeline(Pipeline):
+    name = "probe"
+    needs_data = True
+    gradient = True
+
+    def run(self, trainer, pl_module, data, strategy, context, keep=False):
+        model = pl_module.model
+        store = _ProbeStore(context.sources if getattr(strategy, "per_source", False) else None)
+        trainer.predict(ProbePass(model, strategy, store), dataloaders=data.predict_dataloader(),
+                        return_predictions=False)
+        store.reduce(comm(trainer))
+        plan = strategy.decide(model, store.results(), None, context)
+        return Calibration(plan, [], self.name)
+
+
 class Sequential(Pipeline):
     name = "sequential"
     needs_data = True
@@ -301,7 +378,7 @@ class FromStatistics(Pipeline):
 
 
 PIPELINES: dict[str, type[Pipeline]] = {"none": Pipeline, "all-at-once": AllAtOnce, "sequential": Sequential,
-                                        "gradient": Gradient}
+                                        "gradient": Gradient, "probe": ProbePipeline}
 
 
 def calibrate(trainer: pl.Trainer, pl_module: pl.LightningModule, data, strategy, context: Context | None = None,

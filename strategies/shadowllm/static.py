@@ -30,7 +30,8 @@ from prunekit.errors import PrunekitError
 from prunekit.plans import LayerCut, UnitCut
 from prunekit.strategy import PruningStrategy
 from prunekit.strategies.shadowllm import traces
-from prunekit.strategies.shadowllm.criteria import get
+from prunekit.strategies.shadowllm import probes
+from prunekit.strategies.shadowllm.criteria import CRITERIA, get
 from prunekit.strategies.shadowllm.select import check_scope, check_sparsity, drop_static
 from prunekit.surgery import attention_heads
 
@@ -66,7 +67,15 @@ class ShadowStatic(PruningStrategy):
                  layers: list[int] | None = None) -> None:
         check_sparsity(sparsity)
         super().__init__(sparsity=sparsity, mode="all-at-once", layers=layers)
-        self.criterion = get(criterion)
+        if criterion in probes.PROBES:
+            units = (["heads"] if prune_heads else []) + (["neurons"] if prune_neurons else [])
+            self.probe, self.criterion = probes.check(criterion, units or ["heads"]), None
+        elif criterion in CRITERIA:
+            self.probe, self.criterion = None, get(criterion)
+        else:
+            raise PrunekitError(f"unknown criterion {criterion!r}; registered: "
+                                f"{', '.join(sorted(CRITERIA))}; multi-pass (static only): {', '.join(sorted(probes.PROBES))}")
+        self.per_source = per_task
         self.scope = check_scope(scope)
         if head_unit not in ("kv_group", "query"):
             raise PrunekitError(f"head_unit must be 'kv_group' or 'query', got {head_unit!r}")
@@ -77,7 +86,13 @@ class ShadowStatic(PruningStrategy):
 
     @property
     def pipeline(self) -> str:
+        if self.probe is not None:
+            return "probe"
         return "gradient" if self.criterion.needs_grad else "all-at-once"
+
+    @property
+    def criterion_name(self) -> str:
+        return self.probe.name if self.probe is not None else self.criterion.name
 
     def _layers(self, model: nn.Module) -> list[int]:
         n = len(adapter_for(model).layers(model))
@@ -96,19 +111,50 @@ class ShadowStatic(PruningStrategy):
                                 "head_unit='kv_group' or scope='local'")
 
     def observers(self, model: nn.Module, layer: int | None):
+        if self.probe is not None:
+            return []
         return traces.observers(model, self.criterion, self._layers(model), per_source=self.per_task)
+
+    def probe_batch(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        """The ``probe`` pipeline's step: the multi-pass criterion on one batch, keyed like the traces."""
+        if batch.size < self.probe.min_batch:
+            raise PrunekitError(f"criterion {self.probe.name!r} needs batches of at least {self.probe.min_batch} "
+                                f"examples, got {batch.size}: use --data.packing windows --data.batch_size "
+                                f"{self.probe.min_batch} (and --strategy.per_task false)")
+        out = self.probe(model, batch.input_ids, batch.targets(), self._layers(model))
+        sign = -1.0 if self.probe.keep == "low" else 1.0  # every table: higher = keep
+        tables = {f"{self.probe.name}.heads.{i}": sign * t for i, t in out["heads"].items()}
+        tables.update({f"{self.probe.name}.neurons.{i}": sign * t for i, t in out.get("neurons", {}).items()})
+        return tables
+
+    def _tables(self, model, observed, layers, source=None) -> dict:
+        if self.probe is None:
+            return traces.per_example(model, observed, self.criterion, layers, source=source)
+        stat = "s" if source is None else f"s@{source}"
+        name = self.probe.name
+        out: dict = {"heads": {}, "neurons": {}}
+        for i in layers:
+            records = observed.get(f"{name}.heads.{i}", {}).get(stat)
+            out["index"] = records.index if records is not None else torch.zeros(0, dtype=torch.long)
+            if records is not None:
+                out["heads"][i] = records.values
+            neurons = observed.get(f"{name}.neurons.{i}", {}).get(stat)
+            if neurons is not None:
+                out["neurons"][i] = neurons.values
+        return out
 
     def scores(self, model: nn.Module, observed, sources: list[str] | None) -> dict[str, dict[int, torch.Tensor]]:
         """``{"heads": {layer: (H,)}, "neurons": {layer: (D,)}}``: the aggregated criterion."""
         layers = self._layers(model)
         if self.per_task:
-            tables = {s: traces.per_example(model, observed, self.criterion, layers, source=s) for s in sources or []}
+            tables = {s: self._tables(model, observed, layers, source=s) for s in sources or []}
             tables = {s: t for s, t in tables.items() if t["index"].numel()}
             if not tables:
                 raise PrunekitError("no calibration example reached the criterion")
         else:
-            tables = {"all": traces.per_example(model, observed, self.criterion, layers)}
-        return {kind: aggregate({s: t[kind] for s, t in tables.items()}) for kind in ("heads", "neurons")}
+            tables = {"all": self._tables(model, observed, layers)}
+        return {kind: aggregate({s: t[kind] for s, t in tables.items()}) if next(iter(tables.values()))[kind] else {}
+                for kind in ("heads", "neurons")}
 
     def decide(self, model: nn.Module, observed, layer, context) -> UnitCut:
         scores = self.scores(model, observed, context.sources)
@@ -125,7 +171,8 @@ class ShadowStatic(PruningStrategy):
                 drop_heads = {i: sorted(h for u in chosen[i] for h in units[i][u]) for i in chosen}
         if self.prune_neurons:
             drop_neurons = drop_static(scores["neurons"], self.sparsity, self.scope)
-        return UnitCut({i: LayerCut(drop_heads.get(i, []), drop_neurons.get(i, [])) for i in sorted(scores["heads"])})
+        layers = sorted(set(scores["heads"]) | set(scores["neurons"]))
+        return UnitCut({i: LayerCut(drop_heads.get(i, []), drop_neurons.get(i, [])) for i in layers})
 
     def _head_units(self, model, layer: int, heads: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
         n_q, n_kv = attention_heads(model, layer)
@@ -148,9 +195,9 @@ class ShadowStatic(PruningStrategy):
         return sorted(out)
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "criterion": self.criterion.name, "sparsity": self.sparsity,
+        return {"strategy": self.name, "criterion": self.criterion_name, "sparsity": self.sparsity,
                 "scope": self.scope, "head_unit": self.head_unit, "prune_heads": self.prune_heads,
                 "prune_neurons": self.prune_neurons, "per_task": self.per_task, "layers": self.layers}
 
     def label(self) -> str:
-        return f"{self.name} ({self.criterion.name}, {self.sparsity:.0%} {self.scope})"
+        return f"{self.name} ({self.criterion_name}, {self.sparsity:.0%} {self.scope})"
