@@ -70,6 +70,22 @@ def collector(model, criteria: list[str]):
     return Collect()
 
 
+def probe_pass(strategy, model, dm):
+    """A multi-pass criterion over the calibration examples (what the ``probe`` pipeline runs), per task."""
+    from prunekit.observe import as_batch
+    from prunekit.pipeline import _ProbeStore
+    from prunekit.stats import Comm
+
+    store = _ProbeStore(dm.calibration_sources())
+    seen = 0
+    for raw in dm.predict_dataloader():
+        batch = as_batch(raw, seen)
+        seen += batch.size
+        store.add(strategy.probe_batch(model, batch), batch)
+    store.reduce(Comm.local())
+    return store.results()
+
+
 def evaluate(model, tokenizer, dm, tasks, limit) -> dict:
     from prunekit.api import default_trainer
     from prunekit.evaluate import perplexity
@@ -110,10 +126,12 @@ def params(model) -> int:
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--per_task", type=int, default=48, help="calibration examples per task")
-    parser.add_argument("--limit", type=float, default=40, help="lm-eval documents per task")
+    parser.add_argument("--limit", type=float, default=60, help="lm-eval documents per task")
     parser.add_argument("--windows", type=int, default=16, help="held-out wiki windows for perplexity")
     parser.add_argument("--criteria", nargs="+", default=CRITERIA)
-    parser.add_argument("--static", nargs="+", type=float, default=[0.1, 0.3, 0.5], help="static sparsities")
+    parser.add_argument("--probes", nargs="*", default=["grasp"], help="multi-pass criteria for the static table")
+    parser.add_argument("--static", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5], help="static sparsities")
+    parser.add_argument("--local", nargs="+", type=float, default=[0.1, 0.3, 0.5], help="plainact local sparsities")
     parser.add_argument("--dynamic", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="dynamic sparsities")
     parser.add_argument("--hidden", type=int, default=256, help="predictor hidden width")
     parser.add_argument("--epochs", type=int, default=50)
@@ -135,7 +153,7 @@ def main() -> None:
     from prunekit.strategies.shadowllm.strategy import train_predictors
 
     started = time.time()
-    progress = common.Progress(6)
+    progress = common.Progress(6 + bool(args.probes))
     limit = int(args.limit) if args.limit >= 1 else args.limit
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -161,6 +179,15 @@ def main() -> None:
     tables = {c: traces.per_example(model, observed, get(c), dynamic_layers) for c in args.criteria}
     print(f"  traced {int(feats['index'].numel())} examples in {results['meta']['trace_s']:.0f} s", flush=True)
 
+    # 1b. multi-pass criteria (static only): their own pass, through the strategy's probe step
+    probed = {}
+    for name in args.probes:
+        progress.step(f"calibration: {name} per example (probe pass)")
+        t0 = time.time()
+        probed[name] = probe_pass(ShadowStatic(criterion=name), model, dm)
+        results["meta"][f"{name}_s"] = time.time() - t0
+        print(f"  {name}: {results['meta'][f'{name}_s']:.0f} s", flush=True)
+
     # 2. predictability: Spearman rho on held-out examples, both designs, every criterion
     progress.step("predictors: Spearman on held-out examples")
     fit = dict(hidden=args.hidden, epochs=args.epochs, holdout=args.holdout, seed=0)
@@ -184,11 +211,11 @@ def main() -> None:
     print(f"  dense: {dense}", flush=True)
     static = []
     context = Context(sources)
-    runs = [(c, p, "global") for c in args.criteria for p in args.static] + \
-        [("plainact", p, "local") for p in args.static if "plainact" in args.criteria]
+    runs = [(c, p, "global") for c in [*args.criteria, *args.probes] for p in args.static] + \
+        [("plainact", p, "local") for p in args.local if "plainact" in args.criteria]
     for c, p, scope in runs:
         strategy = ShadowStatic(criterion=c, sparsity=p, scope=scope)
-        cut_plan = strategy.decide(model, observed, None, context)
+        cut_plan = strategy.decide(model, probed.get(c, observed), None, context)
         pruned = realizer_for(cut_plan).apply(copy.deepcopy(model), cut_plan)
         row = {"criterion": c, "sparsity": p, "scope": scope, **evaluate(pruned, tokenizer, dm, args.tasks, limit),
                "params": params(pruned)}
