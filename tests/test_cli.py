@@ -124,7 +124,7 @@ def broken_models(tmp_path_factory, tiny_llama):
 
 
 BAD = [
-    (["--strategy", "nope"], "unknown pruning method --strategy 'nope'; available strategies: flap, griffin, magnitude, magnitude-sp, seap, seap-gen, sparsegpt, wanda, wanda-sp"),
+    (["--strategy", "nope"], "unknown pruning method --strategy 'nope'; available strategies: dejavu, flap, griffin, magnitude, magnitude-sp, seap, seap-gen, shadowllm, shadowllm-static, sparsegpt, wanda, wanda-sp"),
     (["--strategy", "wanda", "--strategy.sparsity", "1.0"], "sparsity must be in [0, 1)"),
     (["--strategy", "wanda", "--strategy.sparsity", "-0.1"], "sparsity must be in [0, 1)"),
     (["--strategy", "wanda", "--strategy.pattern", "4:4"], "needs 0 < N < M"),

@@ -71,7 +71,7 @@ def test_command_configs_parse(capsys):
     assert "metric: piqa" in out and "- 1.0" in out
 
 
-@pytest.mark.parametrize("name", ["data/seap-tasks.yaml", "activations.yaml"])
+@pytest.mark.parametrize("name", ["data/seap-tasks.yaml", "data/shadow-tasks.yaml", "activations.yaml"])
 def test_task_data_of_configs_is_satisfiable(name, tiny_llama):
     """Parsing is not enough: the calibration data a config asks for must exist (200 prompts per task once
     exceeded WinoGrande's reserved set and failed only at run time)."""

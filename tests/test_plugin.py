@@ -61,8 +61,8 @@ def test_plugin_listed_and_used(plugin, tiny_llama, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["strategy"] == "random" and metrics["pruned"]["sparsity"] == pytest.approx(0.3, abs=1e-3)
     assert main(["prune", "--strategy", "nope"]) == 2
-    assert ("available strategies: flap, grad-probe, griffin, magnitude, magnitude-sp, random, seap, seap-gen, sparsegpt, "
-            "topk-runtime, wanda, wanda-sp") in capsys.readouterr().err
+    assert ("available strategies: dejavu, flap, grad-probe, griffin, magnitude, magnitude-sp, random, seap, seap-gen, "
+            "shadowllm, shadowllm-static, sparsegpt, topk-runtime, wanda, wanda-sp") in capsys.readouterr().err
 
 
 def _direct_gradients(folder: Path, examples) -> tuple[torch.Tensor, torch.Tensor]:

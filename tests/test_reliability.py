@@ -119,7 +119,7 @@ def test_help_shows_prunekit_options_and_methods(capsys):
     lines = text.splitlines()
     assert lines[0].startswith("usage: prunekit prune") and len(lines) < 80
     assert "Lightning Trainer command line tool" not in text
-    assert "one of: flap, griffin, magnitude, magnitude-sp, seap, seap-gen, sparsegpt, wanda, wanda-sp" in text
+    assert "one of: dejavu, flap, griffin, magnitude, magnitude-sp, seap, seap-gen, shadowllm, shadowllm-static, sparsegpt, wanda, wanda-sp" in text
     assert "--output_dir" in text and "--data.num_samples" in text and "--trainer.strategy" in text
     assert "Lightning's distributed engine" in text
 

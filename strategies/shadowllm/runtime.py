@@ -453,7 +453,7 @@ class ShadowRuntime(Runtime):
         if role in PRODUCERS:
             return F.linear(x, weight, bias)
         flat = x.dim() == 2
-        x3 = x.view(call.batch, -1, x.shape[-1]) if flat else x
+        x3 = x.view(call.batch, call.length, x.shape[-1]) if flat else x
         if role == "o":
             x3 = x3.index_select(-1, choice.head_dims.to(x.device))
             if choice.head_keep is not None:
