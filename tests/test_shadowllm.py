@@ -591,3 +591,47 @@ def test_predictor_for_other_layer_shapes_is_refused():
     with pytest.raises(PrunekitError, match="one predictor per layer"):
         ShadowRuntime({1: _random_predictor(llama, "dejavu")[1]}, _blocks(), design="dejavu",
                       scope="local").install(copy.deepcopy(llama))
+
+
+def test_cli_prune_eval_and_bench_a_dynamic_folder(tiny_llama, tmp_path, capsys, monkeypatch):
+    """The commands users run: prune with shadowllm (task data), then eval (perplexity and a task, with an
+    evaluation option for the runtime) and bench on the folder it wrote."""
+    from prunekit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "shadow"
+    assert main(["prune", "--model", str(tiny_llama), "--strategy", "shadowllm", "--strategy.hidden", "8",
+                 "--strategy.epochs", "2", "--data.corpus", "task", "--data.corpus_options", "{tasks: [copa, piqa]}",
+                 "--data.packing", "documents", "--data.num_samples", "3", "--data.seq_len", "96",
+                 "--data.eval_samples", "2", "--eval_dense", "false", "--output_dir", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "shadowllm (plainact, 50% global)" in printed and "held_out_spearman" in printed
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["pruned"]["runtime"]["runtime"] == "shadowllm" and (folder / "runtime.safetensors").is_file()
+    assert main(["eval", "--model", str(folder), "--tasks", "[perplexity,copa]", "--limit", "2",
+                 "--data.eval_samples", "2", "--data.seq_len", "96", "--runtime", "{prompt: dense}"]) == 0
+    assert "copa" in capsys.readouterr().out
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_llama), "--pruned", f"[{folder}]", "--batch_sizes", "[1]",
+                 "--prompt_len", "16", "--new_tokens", "4", "--repeats", "1", "--peak_memory", "false",
+                 "--output", str(out)]) == 0
+    row = next(r for r in json.loads(out.read_text()) if r["model"] == "shadow")
+    assert row["decode_tok_s"] > 0 and "gather_ms" in row and row["ideal_speedup"] > 1
+
+
+def test_an_answered_example_longer_than_seq_len_keeps_its_answer(tiny_llama, monkeypatch):
+    """Task examples are truncated from the left (as lm-eval truncates a request): the answer, which carries the
+    loss, stays in the window."""
+    from prunekit import data
+
+    context = " ".join(["the cat sat on the mat"] * 30)
+    docs = {"a": [(context, " and the dog ran home")]}
+    monkeypatch.setitem(data._CORPORA, "shadow_long", lambda split, **_: docs)
+    dm = data.CalibrationDataModule(str(tiny_llama), corpus="shadow_long", packing="documents", num_samples=1,
+                                    seq_len=32)
+    ids, mask = dm.calibration_sequences()[0], dm.calibration_loss_masks()[0]
+    tok = tiny.tokenizer()
+    full = tok(context + " and the dog ran home")["input_ids"]
+    answer = len(full) - len(tok(context)["input_ids"])
+    assert len(full) > 32 and ids.tolist() == full[-32:]
+    assert mask.sum() == answer and mask[-answer:].all()
