@@ -163,8 +163,15 @@ def project(states: torch.Tensor, labels: list[int], seed: int = 0) -> tuple[lis
         raise PrunekitError("a projection needs at least two tasks and four prompts")
     points, silhouettes = [], []
     for j in range(states.shape[1]):
-        x = states[:, j].double().numpy()
-        tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), random_state=seed, init="pca")
+        x = states[:, j].double()
+        if torch.unique(x, dim=0).shape[0] < n:  # prompts ending in the same token share their layer-0 state:
+            g = torch.Generator().manual_seed(seed)  # t-SNE needs distinct points (seeded, 1e-6 of the spread)
+            x = x + 1e-6 * x.std().clamp_min(1e-12) * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        x = x.numpy()
+        # Barnes-Hut for many prompts; the exact gradient for a few hundred (cheap there, and scikit-learn's
+        # Barnes-Hut tree crashed the interpreter on some 14-prompt inputs)
+        tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), random_state=seed, init="pca",
+                    method="exact" if n <= 500 else "barnes_hut")
         points.append(tsne.fit_transform(x).tolist())
         silhouettes.append(float(silhouette_score(x, labels, metric="cosine")))
     return points, silhouettes
