@@ -11,6 +11,10 @@ comparable with FLAP, Wanda-sp and SEAP on the same data:
 - ``scope="global"``: ``int(p · N)`` of all head units and ``int(p · N)`` of all neurons, ranked across layers on
   the raw aggregated scores (each layer keeps at least one unit of each kind).
 
+Multi-pass criteria (``grasp``, ``nwot``, ``jacov``, ``epenas``; ``prunekit.strategies.shadowllm.probes``) run on the
+``probe`` pipeline. ``grasp`` uses the joint Hessian of every layer's head contexts and neuron inputs (GraSP's own
+form): one double backward per batch, where the per-site blocks would take one per site (60 on SmolLM2).
+
 Head units under grouped-query attention (``head_unit``): ``kv_group`` (default) removes whole KV groups, a
 group's score the sum of its query heads' — the only unit that shrinks K and V; ``query`` removes query heads,
 the same number from every group (local scope only: a global ranking would give groups different counts, which
@@ -121,7 +125,8 @@ class ShadowStatic(PruningStrategy):
             raise PrunekitError(f"criterion {self.probe.name!r} needs batches of at least {self.probe.min_batch} "
                                 f"examples, got {batch.size}: use --data.packing windows --data.batch_size "
                                 f"{self.probe.min_batch} (and --strategy.per_task false)")
-        out = self.probe(model, batch.input_ids, batch.targets(), self._layers(model))
+        options = {"hessian": "joint"} if self.probe.name == "grasp" else {}  # GraSP's own full-Hessian form:
+        out = self.probe(model, batch.input_ids, batch.targets(), self._layers(model), **options)  # 1 double backward
         sign = -1.0 if self.probe.keep == "low" else 1.0  # every table: higher = keep
         tables = {f"{self.probe.name}.heads.{i}": sign * t for i, t in out["heads"].items()}
         tables.update({f"{self.probe.name}.neurons.{i}": sign * t for i, t in out.get("neurons", {}).items()})
