@@ -104,30 +104,20 @@ def test_seap_per_task_statistics_and_experts_two_processes_equal_one(tiny_llama
         assert ((s2[key] - s1[key]).abs().max() / scale).item() < 1e-12, key
 
 
-def test_shadowllm_traces_predictors_and_probe_criteria_two_processes_equal_one(tiny_llama, tmp_path, monkeypatch):
-    """ShadowLLM: the per-example criterion records and features (gradient pipeline), hence the trained predictor,
-    are the same on two processes as on one; so are the per-example grasp records of the probe pipeline and the
-    static cut they decide."""
+def test_shadowllm_probe_criterion_two_processes_equal_one(tiny_llama, tmp_path, monkeypatch):
+    """The probe pipeline (grasp per example, per task) reduces across processes like the observers: the same
+    records and the same static cut on two processes as on one. (The gradient pipeline's per-example records
+    are checked on two processes by the plugin package's gradient strategy.)"""
     monkeypatch.chdir(tmp_path)
-    data = ["--data.corpus", "task", "--data.corpus_options", "{tasks: [copa, winogrande]}", "--data.packing",
+    args = ["--strategy", "shadowllm-static", "--strategy.criterion", "grasp", "--strategy.sparsity", "0.5",
+            "--data.corpus", "task", "--data.corpus_options", "{tasks: [copa, winogrande]}", "--data.packing",
             "documents", "--data.num_samples", "3", "--data.seq_len", "96", "--data.eval_samples", "2",
-            "--eval_dense", "false", "--save_statistics", "true"]
-    runs = {"dyn": ["--strategy", "shadowllm", "--strategy.hidden", "8", "--strategy.epochs", "2", *data],
-            "grasp": ["--strategy", "shadowllm-static", "--strategy.criterion", "grasp", "--strategy.sparsity", "0.5",
-                      *data[:-2]]}
-    for name, args in runs.items():
-        outs = {}
-        for processes in (1, 2):
-            outs[processes] = tmp_path / f"{name}{processes}"
-            _run(["prune", "--model", str(tiny_llama), *args, "--output_dir", str(outs[processes])], tmp_path, processes)
-        files = ["runtime.safetensors", "statistics.safetensors"] if name == "dyn" else []
-        for f in files:
-            a, b = (load_file(str(outs[p] / f)) for p in (1, 2))
-            assert a.keys() == b.keys() and a
-            for key in a:
-                assert torch.equal(a[key], b[key]), (f, key)
-        if name == "grasp":
-            plans = [json.loads((outs[p] / "prunekit_structure.json").read_text()) for p in (1, 2)]
-            assert plans[0] == plans[1]
-            assert sum(layer["heads"] for layer in plans[0]["layers"]) < 3 * 4  # the cut happened
-            assert sum(layer["mlp_channels"] for layer in plans[0]["layers"]) < 3 * 128
+            "--eval_dense", "false"]
+    outs = {}
+    for processes in (1, 2):
+        outs[processes] = tmp_path / f"grasp{processes}"
+        _run(["prune", "--model", str(tiny_llama), *args, "--output_dir", str(outs[processes])], tmp_path, processes)
+    plans = [json.loads((outs[p] / "prunekit_structure.json").read_text()) for p in (1, 2)]
+    assert plans[0] == plans[1]
+    assert sum(layer["heads"] for layer in plans[0]["layers"]) < 3 * 4  # the cut happened
+    assert sum(layer["mlp_channels"] for layer in plans[0]["layers"]) < 3 * 128
