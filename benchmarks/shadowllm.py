@@ -340,12 +340,12 @@ def format_tables(r: dict) -> str:
         lines.append(f"| {name} | {row['sparsity']:.0%} | {row['perplexity']:.2f} | {_acc(row, tasks)} |")
     if r.get("speed"):
         lines += ["", "**Decode latency** (`prunekit bench`, batch 1):", "",
-                  "| model | decode tok/s | ms/token | decode MACs | gather ms |", "|---|---|---|---|---|"]
+                  "| model | decode tok/s | ms/token | speed-up | ideal (MACs) | gather ms |", "|---|---|---|---|---|---|"]
         for row in r["speed"]:
             gather = f"{row['gather_ms']:.1f}" if "gather_ms" in row else "–"
             tok_s = row.get("decode_tok_s") or 0
             lines.append(f"| {row.get('model')} | {tok_s:.1f} | {1000 / tok_s if tok_s else float('nan'):.1f} | "
-                         f"{row.get('decode_macs', 0) / 1e6:.1f}M | {gather} |")
+                         f"{row.get('decode_speedup', 1):.2f}× | {row.get('ideal_speedup', 1):.2f}× | {gather} |")
     lines += ["", f"Total {m.get('total_s', 0) / 60:.0f} min; one gradient pass over the calibration examples "
               f"{m.get('trace_s', 0):.0f} s."]
     return "\n".join(lines)
