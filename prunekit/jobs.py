@@ -85,10 +85,15 @@ def prune(cli) -> dict:
     from prunekit.pipeline import FromStatistics, Context, calibrate
     from prunekit.realize import realizer_for
 
+    if getattr(cli.model, "streamer", None) is not None:
+        return prune_streaming(cli)
     start = time.perf_counter()
     c, trainer, module, dm = cli.config, cli.trainer, cli.model, cli.datamodule
     strategy = find_strategy(trainer)
     model = module.model
+    if c.calibration.memory is not None:
+        raise PrunekitError("--calibration.memory budgets a streaming run's layer and activations: add "
+                            "--calibration.streaming true (or drop the budget)")
 
     # 1. check everything cheap before any heavy work
     strategy.check(model)
@@ -212,6 +217,101 @@ def prune(cli) -> dict:
     return result
 
 
+def prune_streaming(cli) -> dict:
+    """The ``prune`` job of a streaming run (``--calibration.streaming true``, ``prunekit.streaming``): check →
+    catch the calibration inputs → per layer: read, calibrate, decide, realize, write → report.
+
+    Perplexity needs every layer at once, so a streaming run measures none: evaluate the output folder with
+    ``prunekit eval`` where it fits. The output folder is written in place of a temporary one only once every
+    layer is done; an interrupted run leaves nothing.
+    """
+    from prunekit.pipeline import Context
+    from prunekit.realize.base import linear_totals
+    from prunekit.streaming import ShardWriter, StreamingRun, save_metadata
+    from prunekit.surgery import structure
+
+    start = time.perf_counter()
+    c, trainer, module, dm = cli.config, cli.trainer, cli.model, cli.datamodule
+    strategy = find_strategy(trainer)
+    model = module.model
+
+    # 1. check everything cheap before any heavy work
+    strategy.check(model)
+    dm.check_model(model.config)
+    if c.statistics or c.save_statistics:
+        raise PrunekitError("--statistics and --save_statistics hold the observers of a whole-model pass; a streaming "
+                            "run observes one layer at a time: drop them, or prune in memory")
+    set_ranks = getattr(trainer.strategy, "set_world_ranks", None)
+    if callable(set_ranks):  # ranks are known before the first pass (only rank 0 writes)
+        set_ranks()
+    sources = None
+    if strategy.pipeline != "none":
+        dm.calibration_sequences()
+        sources = dm.calibration_sources()
+    context = Context(sources, dm.tokenizer, dm.seed, trainer.is_global_zero, trainer.world_size)
+    run = StreamingRun(trainer, module, dm if strategy.pipeline != "none" else None, strategy, context,
+                       module.streamer, c.calibration, c.output_dir)
+    run.check()
+    dense_totals = linear_totals(model)  # shapes only: the layers are on the meta device
+    result: dict[str, Any] = {"model": module.model_name, **strategy.describe(), "pipeline": strategy.pipeline,
+                              "streaming": True, "memory_budget": c.calibration.memory,
+                              "data": {**dm.describe()} if strategy.pipeline != "none" else {},
+                              "world_size": trainer.world_size,
+                              "dense": {"params_total": dense_totals["params"], "pruned_fraction": 0.0},
+                              "dense_structure": structure(model)}
+    n_layers = len(module.streamer.layers)
+    config_text = cli.parser.dump(cli.config, skip_none=False)
+
+    def body(tmp: Path | None) -> None:
+        t = time.perf_counter()
+        writer = ShardWriter(tmp, n_layers) if tmp is not None and c.save_model else None
+        run.run(writer)
+        notify(trainer, "on_calibration_end", module, strategy)
+        rest = module.streamer.rest_state() if tmp is not None else {}
+        if writer is not None:
+            result["saved"] = save_metadata(model, tmp, dm.tokenizer, writer, rest)
+        report = run.report(dense_totals, rest)
+        report["calibrate_prune_s"] = time.perf_counter() - t
+        report["seconds_per_layer"] = run.seconds_per_layer
+        report["activations_offloaded"] = run.offload is not None
+        result["plan"] = run.kind
+        result["pruned"] = report
+        notify(trainer, "on_pruning_end", module, report)
+        result["wall_s"] = time.perf_counter() - start
+        result["peak_rss_mb"] = peak_rss_mb()
+        if tmp is None:
+            return
+        with scratch() as plots:
+            images = _plots(result, plots)
+            log_and_close(trainer, _flat_metrics(result), strategy.describe(), tables=_tables(result), images=images)
+            (tmp / "config.yaml").write_text(config_text)
+            (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
+            record = {"plan": run.kind, "pruned_by": strategy.describe(), "source": module.model_name,
+                      "loading": result.get("saved", {})}
+            (tmp / "prunekit.json").write_text(json.dumps(record, indent=2))
+            for path in images.values():
+                shutil.copy(path, tmp / Path(path).name)
+            notify(trainer, "on_save", module, tmp)
+
+    notify(trainer, "on_calibration_start", module, strategy)
+    try:
+        run.catch()
+        if not trainer.is_global_zero:
+            body(None)
+            return result
+        out = write_atomically(c.output_dir, c.overwrite, body)
+    finally:
+        run.close()
+    calibration_text = dm.describe_calibration() if strategy.pipeline != "none" else "none (data-free method)"
+    _print_prune(result, strategy, calibration_text, dm, trainer, streaming=True)
+    print(f"saved to {out}")
+    if "saved" in result:
+        print(f"reload with {result['saved']['loadable_with']}")
+        if result["saved"].get("note"):
+            print(f"note: {result['saved']['note']}")
+    return result
+
+
 def _json_default(o):
     import torch
 
@@ -255,11 +355,17 @@ def _plots(result: dict, folder: Path) -> dict[str, Path]:
     return {"layer_profile": layer_profile(result, folder / "layer_profile.png")}
 
 
-def _print_prune(result: dict, strategy, calibration_text: str, dm, trainer) -> None:
+def _print_prune(result: dict, strategy, calibration_text: str, dm, trainer, streaming: bool = False) -> None:
     pruned, dense = result["pruned"], result["dense"]
     print()
-    print(f"calibration: {calibration_text}; evaluation: {dm.eval_corpus} held-out, "
-          f"{result['data']['eval_windows']} x {dm.seq_len} tokens; processes: {trainer.world_size}")
+    if streaming:
+        where = "offloaded to disk" if pruned.get("activations_offloaded") else "in memory"
+        print(f"calibration: {calibration_text}; streaming, one layer at a time (activations {where}); no "
+              f"perplexity (it needs every layer at once: run prunekit eval on the output); processes: "
+              f"{trainer.world_size}")
+    else:
+        print(f"calibration: {calibration_text}; evaluation: {dm.eval_corpus} held-out, "
+              f"{result['data']['eval_windows']} x {dm.seq_len} tokens; processes: {trainer.world_size}")
     rows = []
     if "perplexity" in dense:
         rows.append({"name": f"dense {Path(result['model']).name}", **dense, "time_s": None})
@@ -298,6 +404,8 @@ def evaluate(cli) -> dict:
     from prunekit.tasks import expand
 
     c, trainer, module, dm = cli.config, cli.trainer, cli.model, cli.datamodule
+    if getattr(module, "streamer", None) is not None:
+        raise PrunekitError("--model.streaming applies to prune (--calibration.streaming); eval loads the whole model")
     names = expand(c.tasks)
     realized = module.realized
     if c.get("runtime"):

@@ -21,14 +21,27 @@ class PrunableLM(pl.LightningModule):
     Args:
         model: zoo name (``smollm2-135m``), local Hugging Face folder (a prunekit output folder too), or hub id.
         dtype: weights' dtype while pruning (``float32`` recommended on CPU).
+        streaming: build the model on the meta device and read its decoder layers one at a time from the source's
+            safetensors shards (``prunekit.streaming``; set by ``prune --calibration.streaming``).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                 streaming: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_name = model
         self.dtype_name = dtype
-        self.model = load_model(model, dtype)
+        self.streamer = None
+        if streaming:
+            from prunekit.arch import adapter_for
+            from prunekit.models import load_config, resolve
+            from prunekit.streaming import skeleton
+
+            adapter_for(load_config(model))  # an unsupported family fails before anything is read
+            model_, self.streamer = skeleton(resolve(model), dtype)
+            object.__setattr__(self, "model", model_)  # not a submodule: Lightning must not move meta weights
+        else:
+            self.model = load_model(model, dtype)
         self._realized = None
 
     @property

@@ -87,6 +87,7 @@ class BaseCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         from prunekit.export import check_output_dir
 
+        check_accelerator(self.config.trainer.get("accelerator"))
         if self.config.get("output_dir"):
             check_output_dir(self.config.output_dir, self.config.overwrite, source=self.config.model.model)
 
@@ -111,6 +112,10 @@ class PruneCLI(BaseCLI):
                                  "calibration data) instead of calibrating.")
         parser.add_argument("--force", type=bool, default=False,
                             help="Accept --statistics whose fingerprint does not match this model or data.")
+        from prunekit.streaming import CalibrationOptions
+
+        parser.add_class_arguments(CalibrationOptions, "calibration")
+        parser.link_arguments("calibration.streaming", "model.streaming")
 
     def before_instantiate_classes(self) -> None:
         from prunekit import registry
@@ -162,9 +167,25 @@ class EvalCLI(BaseCLI):
         super().before_instantiate_classes()
 
 
+def check_accelerator(accelerator) -> None:
+    """An accelerator that was asked for but is not on this machine: say so plainly, before any work."""
+    import torch
+
+    from prunekit.errors import PrunekitError
+
+    name = str(accelerator).lower() if isinstance(accelerator, str) else None
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise PrunekitError(f"--trainer.accelerator {accelerator} was requested, but this machine has no GPU that "
+                            "torch can use (torch.cuda.is_available() is False: no device, or a CPU-only torch "
+                            "build); run with --trainer.accelerator cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PrunekitError("--trainer.accelerator mps was requested, but Apple's MPS is not available here; run "
+                            "with --trainer.accelerator cpu")
+
+
 def curated_help(parser, command: str) -> str:
     """prunekit's options first (job, method, model, data), a pointer to Lightning's; not the 500-line dump."""
-    groups: dict[str, list] = {"job": [], "model": [], "data": []}
+    groups: dict[str, list] = {"job": [], "model": [], "data": [], "calibration": []}
     for action in parser._actions:
         dest = getattr(action, "dest", "")
         if not dest or dest in ("help", "config", "print_config", "seed_everything") or not action.option_strings:
@@ -172,7 +193,8 @@ def curated_help(parser, command: str) -> str:
         head = dest.split(".")[0]
         if "." not in dest and head not in ("trainer", "model", "data", "strategy"):
             groups["job"].append(action)
-        elif head in ("model", "data") and dest.count(".") == 1 and dest != "data.tokenizer":
+        elif head in ("model", "data", "calibration") and dest.count(".") == 1 and dest not in ("data.tokenizer",
+                                                                                                 "model.streaming"):
             groups[head].append(action)
 
     def line(action) -> str:
@@ -190,7 +212,8 @@ def curated_help(parser, command: str) -> str:
                 f"  {'--strategy.help NAME':<28} the method's options and defaults",
                 f"  {'--strategy.OPTION VALUE':<28} set one, e.g. --strategy.sparsity 0.6", ""]
     titles = {"job": f"{command} options:", "model": "model (--model.*; --model NAME is short for --model.model):",
-              "data": "calibration and evaluation data (--data.*):"}
+              "data": "calibration and evaluation data (--data.*):",
+              "calibration": "memory of a run (--calibration.*; README 'Models larger than memory'):"}
     for key, actions in groups.items():
         if actions:
             out += [titles[key], *(line(a) for a in actions), ""]

@@ -46,9 +46,12 @@ from prunekit.stats import Comm
 class Pass(pl.LightningModule):
     """One Lightning ``predict`` pass over a model (calibration or evaluation); ``description`` labels its bar."""
 
-    def __init__(self, model: nn.Module, description: str) -> None:
+    def __init__(self, model: nn.Module, description: str, register: bool = True) -> None:
         super().__init__()
-        self.model = model
+        if register:
+            self.model = model
+        else:  # a streaming model (layers on the meta device): Lightning must not move it; the streamer places it
+            object.__setattr__(self, "model", model)
         self.description = description
 
     def setup(self, stage: str) -> None:
@@ -71,8 +74,8 @@ class ObservePass(Pass):
     """Forward (and with ``gradient``, backward) over calibration batches while observers listen."""
 
     def __init__(self, model: nn.Module, observers: ObserverSet, gradient: bool = False,
-                 description: str = "calibration", on_batch=None) -> None:
-        super().__init__(model, description)
+                 description: str = "calibration", on_batch=None, register: bool = True) -> None:
+        super().__init__(model, description, register)
         self.observers, self.gradient, self.on_batch = observers, gradient, on_batch
         self._seen = 0
 
@@ -141,6 +144,7 @@ class Context:
     seed: int = 0
     is_global_zero: bool = True
     world_size: int = 1
+    summaries: dict | None = None  # streaming, two-pass strategies: {layer: strategy.summarize(...)} of every layer
 
 
 @dataclass
@@ -166,6 +170,14 @@ class Calibration:
         for group in self.observers:
             out.update(group.state())
         return out
+
+
+def decide_layer(trainer: pl.Trainer, strategy, model: nn.Module, observed, layer: int, context: Context):
+    """One layer's plan, decided once (rank 0) and broadcast to every process, which all realize it."""
+    part = strategy.decide(model, observed, layer, context) if trainer.is_global_zero else None
+    if trainer.world_size > 1:
+        part = trainer.strategy.broadcast(part, src=0)
+    return part
 
 
 def notify(trainer: pl.Trainer, hook: str, *args) -> None:
@@ -345,7 +357,7 @@ class Sequential(Pipeline):
                 observers.reduce(reduce)
                 if keep:
                     groups.append(observers)
-                part = strategy.decide(model, observers.results(), i, context)
+                part = decide_layer(trainer, strategy, model, observers.results(), i, context)
                 del observers  # this layer's statistics are done with (unless kept)
                 if part is not None:
                     realizer = realizer_for(part)
@@ -421,9 +433,9 @@ class _LayerInputCatcher:
     layer later), and the last one stops the forward, so the catch pass costs about one layer of compute.
     """
 
-    def __init__(self, layers: nn.ModuleList) -> None:
+    def __init__(self, layers: nn.ModuleList, store=None) -> None:
         self.layers = layers
-        self.hidden: list[torch.Tensor] = []
+        self.hidden = [] if store is None else store  # a list, or anything with append (streaming.Activations)
         self.batches: list[Batch] = []
         self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
         self._returns_tuple = False

@@ -116,6 +116,14 @@ class PruningStrategy(pl.Callback):
                 weights[ref.name] = weight
         return WeightMask(masks, weights)
 
+    def layerwise(self, model: nn.Module) -> bool:
+        """Whether the whole-model decision (``decide(..., layer=None, ...)``) is the union of per-layer decisions
+        (``layer=i`` on layer i's observations), so a streaming run may decide each layer while it is loaded.
+        True for the default (one decision per linear); a strategy that overrides ``decide`` says so itself, or
+        implements ``summarize(model, observed, layer)`` — a small per-layer summary a streaming run collects in a
+        first pass and hands ``decide`` as ``context.summaries``."""
+        return type(self).decide is PruningStrategy.decide
+
     def prune_linear(self, ref: LinearRef, stats: dict[str, Statistic]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The bool mask (True = pruned) of ``ref``'s (out, in) weight — or ``(mask, new_weight)`` for methods
         that reconstruct the kept weights. Must not change the model."""

@@ -147,10 +147,40 @@ class StructuredStrategy(PruningStrategy):
         return self.keep_first <= layer < n - self.keep_last
 
     def decide(self, model, observed, layer: int | None, context) -> UnitCut:
-        """The heads and channels to remove (of every layer, or of ``layer`` on the sequential pipeline), and the
-        bias compensation of what they contributed."""
+        """The heads and channels to remove (of every layer, or of ``layer`` on the sequential pipeline or in a
+        streaming run), and the bias compensation of what they contributed."""
         refs = [r for r in self.targets(model) if layer is None or r.layer == layer]
+        summaries = getattr(context, "summaries", None)
+        if layer is not None and self.allocation == "adaptive" and summaries is not None:
+            drops = self._global_plan(model, summaries)  # every layer ranked together, from the first pass
+            return self.unit_cut(model, refs, observed, {layer: drops[layer]} if layer in drops and refs else {})
         return self.unit_cut(model, refs, observed, self.plan(model, refs, observed))
+
+    def layerwise(self, model) -> bool:
+        """Uniform and logistic allocation decide each layer alone; adaptive ranks all layers together."""
+        return self.allocation != "adaptive"
+
+    def summarize(self, model, observed, layer: int) -> dict[str, torch.Tensor]:
+        """Streaming, first pass: layer ``layer``'s dimension scores (what adaptive allocation ranks)."""
+        refs = [r for r in self.targets(model) if r.layer == layer]
+        return self._scores(refs, observed).get(layer, {})
+
+    def _global_plan(self, model, summaries: dict[int, dict[str, torch.Tensor]]):
+        """The adaptive plan of every layer from the summaries, computed once per streaming run (before any
+        layer is cut, so later layers see the same ranking)."""
+        cached = getattr(self, "_streamed_plan", None)
+        if cached is None or cached[0] is not summaries:
+            scores = {layer: s for layer, s in summaries.items() if s}
+            self._streamed_plan = (summaries, self._adaptive_plan(model, scores))
+        return self._streamed_plan[1]
+
+    def _scores(self, refs: list[LinearRef], stats) -> dict[int, dict[str, torch.Tensor]]:
+        scores: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, group in _by_layer(refs).items():
+            for kind, ref in group.items():
+                dims = self.dimension_scores(ref, stats.get(ref.name, {}), attention=kind == "o").to(torch.float64)
+                scores.setdefault(layer, {})[kind] = dims
+        return scores
 
     def unit_cut(self, model, refs: list[LinearRef], observed, drops: dict[int, tuple[list[int], list[int]]]) -> UnitCut:
         """A ``UnitCut`` from per-layer (heads, channels) to remove, with bias compensation if enabled."""
@@ -169,11 +199,7 @@ class StructuredStrategy(PruningStrategy):
 
     def plan(self, model, refs: list[LinearRef], stats: dict[str, dict[str, Statistic]]) -> dict[int, tuple[list[int], list[int]]]:
         """Per layer, the query heads and MLP channels to remove (nothing is changed yet)."""
-        scores: dict[int, dict[str, torch.Tensor]] = {}
-        for layer, group in _by_layer(refs).items():
-            for kind, ref in group.items():
-                dims = self.dimension_scores(ref, stats.get(ref.name, {}), attention=kind == "o").to(torch.float64)
-                scores.setdefault(layer, {})[kind] = dims
+        scores = self._scores(refs, stats)
         if self.allocation == "adaptive":
             return self._adaptive_plan(model, scores)
         ratios = self._layer_ratios(model)

@@ -164,11 +164,14 @@ def summarize_sparsity(rows: list[dict]) -> dict:
 
 def static_report(model: nn.Module, dense: dict[str, int]) -> dict:
     """The report every static model shares: parameters, zeros, and the removed fraction of the projections."""
-    rows = sparsity_rows(model)
+    return report_from(sparsity_rows(model), parameter_counts(model), dense)
+
+
+def report_from(rows: list[dict], counts: dict[str, int], dense: dict[str, int]) -> dict:
+    """``static_report`` from sparsity rows and parameter counts gathered elsewhere (streaming, per layer)."""
     summary = summarize_sparsity(rows)
     linear = sum(r["numel"] for r in rows)
     nonzero_linear = linear - sum(r["zeros"] for r in rows)
-    counts = parameter_counts(model)
     return {**counts,
             "pruned_fraction": 1 - nonzero_linear / dense["linear"] if dense["linear"] else 0.0,
             "sparsity": summary["sparsity_linear"],

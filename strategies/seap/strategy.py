@@ -116,6 +116,11 @@ class SEAP(StructuredStrategy):
                                 f"({', '.join(sources)}); add them to --data.corpus_options tasks")
         return list(self.tasks)
 
+    summarize = None  # one plan per task over every layer (a plan set): it does not stream
+
+    def layerwise(self, model) -> bool:
+        return False
+
     def decide(self, model, observed, layer, context):
         """One task's expert (a ``UnitCut``), a general mask (seap-gen), or with ``tasks`` a ``PlanSet``: one
         plan per task from the same statistics, and a task router trained on the tasks' prompts."""

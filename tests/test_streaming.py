@@ -1,0 +1,165 @@
+"""Streaming (one decoder layer at a time, read from and written to safetensors shards) against the in-memory path.
+
+Every unstructured and structured method gives the same weights and masks, bitwise, on every family; activations
+offloaded to disk change nothing; bad input (a budget below one layer, a missing shard, a method that cannot
+stream) fails before any work with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunekit.cli import main
+from prunekit.realize import load_pruned
+
+COMMON = ["--data.seq_len", "32", "--data.num_samples", "5", "--data.batch_size", "2", "--data.eval_samples", "1",
+          "--eval_dense", "false", "--trainer.logger", "false"]
+
+METHODS = {
+    "magnitude": ["--strategy", "magnitude"],
+    "wanda": ["--strategy", "wanda"],
+    "wanda-all-at-once": ["--strategy", "wanda", "--strategy.mode", "all-at-once"],
+    "sparsegpt": ["--strategy", "sparsegpt"],
+    "sparsegpt-2of4": ["--strategy", "sparsegpt", "--strategy.pattern", "2:4"],
+    "magnitude-sp": ["--strategy", "magnitude-sp", "--strategy.sparsity", "0.3"],
+    "wanda-sp": ["--strategy", "wanda-sp", "--strategy.sparsity", "0.3"],
+    "flap": ["--strategy", "flap", "--strategy.sparsity", "0.3"],  # adaptive: ranks every layer (two passes)
+    "flap-logistic": ["--strategy", "flap", "--strategy.allocation", "logistic", "--strategy.sparsity", "0.3",
+                      "--strategy.keep_first", "0", "--strategy.keep_last", "0"],
+}
+# every method on Llama; on the other families one sequential unstructured and one adaptive structured method
+CASES = [("llama", m) for m in METHODS] + [(f, m) for f in ("gemma3_text", "opt", "gpt2", "gpt_neox")
+                                          for m in ("sparsegpt", "flap")]
+
+
+def _prune(model: Path, out: Path, method: list[str], *extra: str) -> dict:
+    assert main(["prune", "--model", str(model), *method, *COMMON, "--output_dir", str(out), *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa, sb = load_pruned(str(a)).state_dict(), load_pruned(str(b)).state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].shape == sb[key].shape, key
+        assert torch.equal(sa[key], sb[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize("family,method", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_streaming_equals_in_memory(tiny_models, tmp_path, monkeypatch, family, method):
+    monkeypatch.chdir(tmp_path)
+    memory = _prune(tiny_models[family], tmp_path / "memory", METHODS[method])
+    streamed = _prune(tiny_models[family], tmp_path / "streamed", METHODS[method], "--calibration.streaming", "true")
+    _same_weights(tmp_path / "memory", tmp_path / "streamed")
+    assert streamed["streaming"] is True and streamed["plan"] == memory["plan"]
+    for key in ("pruned_fraction", "params_total", "params_nonzero", "per_layer_sparsity"):
+        assert streamed["pruned"][key] == memory["pruned"][key], key
+    if memory["plan"] == "unit_cut":
+        assert streamed["pruned"]["structure"] == memory["pruned"]["structure"]
+    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) == len(memory["dense_structure"]) + 1
+    # the saved config reloads the same way (plainly loadable exactly when the in-memory folder is)
+    saved = [json.loads((tmp_path / d / "prunekit.json").read_text())["loading"] for d in ("memory", "streamed")]
+    assert saved[0]["plain"] == saved[1]["plain"]
+
+
+def test_offloaded_activations_change_nothing(tiny_llama, tmp_path, monkeypatch):
+    """A budget just above the minimum puts the activations on disk; the weights stay bitwise the same, and the
+    offload folder is gone afterwards."""
+    monkeypatch.chdir(tmp_path)
+    offload = tmp_path / "offload"
+    _prune(tiny_llama, tmp_path / "memory", METHODS["sparsegpt"], "--calibration.streaming", "true")
+    m = _prune(tiny_llama, tmp_path / "disk", METHODS["sparsegpt"], "--calibration.streaming", "true",
+               "--calibration.memory", "300KB", "--calibration.offload_dir", str(offload))
+    assert m["pruned"]["activations_offloaded"] is True
+    _same_weights(tmp_path / "memory", tmp_path / "disk")
+    assert list(offload.iterdir()) == []
+
+
+def test_budget_below_one_layer_names_the_minimum(tiny_llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
+                 str(tmp_path / "out"), "--calibration.streaming", "true", "--calibration.memory", "10KB"])
+    err = capsys.readouterr().err
+    assert code != 0 and "below the minimum" in err and "bytes" in err and "largest layer" in err
+    assert not (tmp_path / "out").exists()
+    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
+                 str(tmp_path / "out"), "--calibration.memory", "1GB"])
+    assert code != 0 and "--calibration.streaming true" in capsys.readouterr().err
+
+
+def test_missing_shard_is_named(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A sharded source whose index names a shard that is not there fails before any work."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, src)
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    keys = sorted(state)
+    half = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+            "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in half.items():
+        save_file({k: state[k] for k in part}, str(src / name))
+    index = {"metadata": {}, "weight_map": {k: n for n, part in half.items() for k in part}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    # complete, it streams
+    _prune(src, tmp_path / "ok", METHODS["magnitude"], "--calibration.streaming", "true")
+    (src / "model-00002-of-00002.safetensors").unlink()
+    code = main(["prune", "--model", str(src), "--strategy", "magnitude", *COMMON, "--output_dir",
+                 str(tmp_path / "out"), "--calibration.streaming", "true"])
+    err = capsys.readouterr().err
+    assert code != 0 and "model-00002-of-00002.safetensors" in err and "missing" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", [["seap", "--strategy.keep_first", "0", "--strategy.keep_last", "0"],
+                                    ["shadowllm-static"], ["griffin"]], ids=lambda m: m[0])
+def test_methods_that_cannot_stream_say_so(tiny_llama, tmp_path, monkeypatch, capsys, method):
+    monkeypatch.chdir(tmp_path)
+    code = main(["prune", "--model", str(tiny_llama), "--strategy", *method, *COMMON, "--output_dir",
+                 str(tmp_path / "out"), "--calibration.streaming", "true"])
+    err = capsys.readouterr().err
+    assert code != 0 and "stream" in err and "in memory" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_only_source_is_never_modified(tiny_llama, tmp_path, monkeypatch):
+    """The source's files are read-only; a streaming run reads them and changes none (bytes and times)."""
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "ro"
+    shutil.copytree(tiny_llama, src)
+
+    def snapshot():
+        return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(src.iterdir())}
+
+    for p in src.iterdir():
+        p.chmod(0o444)
+    src.chmod(0o555)
+    try:
+        before = snapshot()
+        _prune(src, tmp_path / "out", METHODS["flap"], "--calibration.streaming", "true")
+        assert snapshot() == before
+    finally:
+        src.chmod(0o755)
+        for p in src.iterdir():
+            p.chmod(0o644)
+
+
+def test_accelerator_requested_but_absent(tiny_llama, tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.chdir(tmp_path)
+    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
+                 str(tmp_path / "out"), "--calibration.streaming", "true", "--trainer.accelerator", "gpu"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--trainer.accelerator gpu" in err and "no GPU" in err and "cpu" in err
+    assert not (tmp_path / "out").exists()
