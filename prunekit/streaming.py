@@ -655,6 +655,9 @@ class StreamingRun:
         if writer is not None:
             writer.write(i, self.streamer.state(i))
         self.streamer.leave(i)
+        from prunekit.pipeline import notify
+
+        notify(self.trainer, "on_layer_done", self.module, i)
 
     def report(self, dense: dict[str, int], rest: dict[str, torch.Tensor] | None = None) -> dict:
         """What ``static_report`` gives for an in-memory model, from the rows recorded layer by layer."""

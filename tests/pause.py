@@ -16,7 +16,8 @@ import lightning.pytorch as pl
 class Pause(pl.Callback):
     """Sleep ``seconds`` at ``phase``: ``dense`` / ``calibration`` / ``evaluation`` (the first batches of the
     dense perplexity, calibration and pruned perplexity passes), ``decide`` (a plan exists, nothing realized),
-    ``save`` (inside the temporary output folder, model written) or ``perplexity`` (the eval command's pass)."""
+    ``save`` (inside the temporary output folder, model written), ``perplexity`` (the eval command's pass) or
+    ``layer`` (a streaming run, once its second layer is written)."""
 
     def __init__(self, phase: str, seconds: float = 120.0) -> None:
         self.phase, self.seconds = phase, seconds
@@ -35,6 +36,10 @@ class Pause(pl.Callback):
     def on_plan(self, trainer, pl_module, plan) -> None:
         if self.phase == "decide":
             self._pause(plan.kind)
+
+    def on_layer_done(self, trainer, pl_module, layer: int) -> None:
+        if self.phase == "layer" and layer == 1:
+            self._pause(f"layer {layer}")
 
     def on_save(self, trainer, pl_module, folder) -> None:
         if self.phase == "save":

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from prunekit.cli import main
+from prunekit.realize import load_pruned
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +122,45 @@ def test_shadowllm_probe_criterion_two_processes_equal_one(tiny_llama, tmp_path,
     assert plans[0] == plans[1]
     assert sum(layer["heads"] for layer in plans[0]["layers"]) < 3 * 4  # the cut happened
     assert sum(layer["mlp_channels"] for layer in plans[0]["layers"]) < 3 * 128
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_streaming_across_devices_and_nodes_equals_one_process(tiny_llama, tmp_path, monkeypatch):
+    """Streaming + DDP: two devices launched by Lightning, and two "nodes" of one device each started by hand with
+    Lightning's environment variables (MASTER_ADDR/PORT, WORLD_SIZE, NODE_RANK, LOCAL_RANK — what a cluster
+    launcher sets) give the masks of one in-memory process; only rank 0 writes, and nothing else is left."""
+    monkeypatch.chdir(tmp_path)
+    args = ["prune", "--model", str(tiny_llama), "--strategy", "sparsegpt", "--data.seq_len", "64",
+            "--data.num_samples", "7", "--data.eval_samples", "3", "--eval_dense", "false"]
+    one = tmp_path / "one"
+    _run([*args, "--output_dir", str(one)], tmp_path, 1)
+    devices = tmp_path / "devices"
+    _run([*args, "--calibration.streaming", "true", "--output_dir", str(devices)], tmp_path, 2)
+    nodes = tmp_path / "nodes"
+    cmd = [str(Path(sys.executable).with_name("prunekit")), *args, "--calibration.streaming", "true", "--output_dir",
+           str(nodes), "--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert "saved to" in outs[0][0] and "saved to" not in outs[1][0]  # rank 0 reports and writes
+    reference = load_pruned(str(one)).state_dict()
+    for folder in (devices, nodes):
+        m = json.loads((folder / "metrics.json").read_text())
+        assert m["world_size"] == 2 and m["streaming"] is True
+        state = load_pruned(str(folder)).state_dict()
+        assert state.keys() == reference.keys()
+        for key, w in reference.items():
+            assert torch.equal(w == 0, state[key] == 0), f"mask differs: {key} ({folder.name})"
+            torch.testing.assert_close(state[key], w, rtol=1e-5, atol=1e-6, msg=key)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folders
