@@ -15,7 +15,7 @@ from prunekit.cli import main
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
 COMMANDS = {"activations.yaml": "activations", "sensitivity.yaml": "sensitivity", "eval-tasks.yaml": "eval"}
-OVERLAYS = {"wandb.yaml", "ddp.yaml"}
+OVERLAYS = {"wandb.yaml", "ddp.yaml", "streaming.yaml"}
 NEEDS_TASK_DATA = {"seap.yaml", "seap-gen.yaml"}
 METHODS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in COMMANDS and p.name not in OVERLAYS)
 
@@ -43,9 +43,11 @@ def test_method_configs_parse_and_state_only_what_differs(name, capsys):
 
 def test_overlays_combine_with_a_method(capsys):
     assert main(["prune", "--config", str(CONFIGS / "wanda.yaml"), "--config", str(CONFIGS / "wandb.yaml"),
-                 "--config", str(CONFIGS / "ddp.yaml"), "--print_config"]) == 0
+                 "--config", str(CONFIGS / "ddp.yaml"), "--config", str(CONFIGS / "streaming.yaml"),
+                 "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "lightning.pytorch.loggers.WandbLogger" in out and "strategy: ddp" in out and "Wanda" in out
+    assert "streaming: true" in out and "memory: 8GB" in out
 
 
 @pytest.mark.parametrize("command", _documented(), ids=lambda c: " ".join(c)[:60])

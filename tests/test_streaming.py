@@ -194,3 +194,32 @@ def test_peak_memory_is_flat_in_depth_and_below_the_model(tmp_path):
     assert size_mb > 500
     cap = peaks[2] + 200
     assert peaks[12] < cap < peaks[2] + size_mb, (peaks, size_mb)
+
+
+def test_a_cut_folder_streams_too(tiny_llama, tmp_path, monkeypatch):
+    """A folder prunekit cut (per-layer widths, added biases) is rebuilt on the meta device and streams: Wanda on
+    it gives the in-memory weights."""
+    monkeypatch.chdir(tmp_path)
+    _prune(tiny_llama, tmp_path / "cut", METHODS["flap"])
+    _prune(tmp_path / "cut", tmp_path / "memory", METHODS["wanda"])
+    _prune(tmp_path / "cut", tmp_path / "streamed", METHODS["wanda"], "--calibration.streaming", "true")
+    _same_weights(tmp_path / "memory", tmp_path / "streamed")
+
+
+@pytest.mark.real
+def test_real_smollm2_streams_bitwise(tmp_path, monkeypatch):
+    """SmolLM2-135M (30 layers, GQA, tied embeddings) from the zoo's safetensors cache: streaming Wanda and FLAP
+    (adaptive, two passes) give the in-memory folders' weights, bitwise."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.num_samples", "2", "--data.seq_len", "64", "--data.eval_samples", "1", "--eval_dense", "false",
+            "--trainer.logger", "false"]
+    for method in (["--strategy", "wanda"], ["--strategy", "flap", "--strategy.sparsity", "0.2"]):
+        folders = []
+        for streaming in ("false", "true"):
+            out = tmp_path / f"{method[1]}-{streaming}"
+            assert main(["prune", "--model", "smollm2-135m", *method, *data, "--calibration.streaming", streaming,
+                         "--output_dir", str(out)]) == 0
+            folders.append(out)
+        _same_weights(*folders)
+        shards = list(folders[1].glob("model-*-of-*.safetensors"))
+        assert len(shards) == 31
