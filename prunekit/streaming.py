@@ -43,7 +43,6 @@ from prunekit.errors import PrunekitError
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
           "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass
@@ -100,14 +99,10 @@ class Source:
         if missing:
             raise PrunekitError(f"{self.folder}: shard {missing[0]} named by {INDEX} is missing ({len(missing)} of "
                                 f"{len(files)} shards); restore it (download or save the model again)")
-        self.shapes: dict[str, tuple[tuple[int, ...], str]] = {}
         found: dict[str, str] = {}
         for name in files:
             with safe_open(str(self.folder / name), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    self.shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
-                    found[key] = name
+                found.update(dict.fromkeys(f.keys(), name))
         if weight_map is not None:
             lost = [k for k, f in weight_map.items() if found.get(k) != f]
             if lost:
@@ -117,13 +112,6 @@ class Source:
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
-
-    def nbytes(self, key: str) -> int:
-        shape, dtype = self.shapes[key]
-        n = 1
-        for s in shape:
-            n *= s
-        return n * _ELEMENT.get(dtype, 4)
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The tensors named ``keys`` (copied out of the shards, which are closed again)."""
@@ -232,14 +220,11 @@ class Streamer:
                                     f"{tuple(current.shape)} (config and weights disagree)")
             _set_tensor(root, name, t.to(self.dtype) if t.is_floating_point() else t)
 
-    def _is_tied(self) -> bool:
-        return self.tied
-
     def rest_names(self) -> list[str]:
         """Non-layer tensors to read: all but the decoder layers and an untied LM head (never needed to prune)."""
         head = self._head_key()
         return [k for k, v in _persistent(self.model)
-                if not k.startswith(self.prefix + ".") and (k != head or self._is_tied()) and v.is_meta]
+                if not k.startswith(self.prefix + ".") and (k != head or self.tied) and v.is_meta]
 
     def _head_key(self) -> str | None:
         out = self.model.get_output_embeddings()
@@ -305,7 +290,7 @@ class Streamer:
         out = {k: v.detach().to("cpu").contiguous() for k, v in _persistent(self.model)
                if not k.startswith(self.prefix + ".") and not v.is_meta}
         head = self._head_key()
-        if head is not None and self._is_tied():
+        if head is not None and self.tied:
             out.pop(head, None)  # tied: written once, as the input embeddings (as save_pretrained does)
         elif head is not None and head not in out:
             if head not in self.file_key:
@@ -316,8 +301,8 @@ class Streamer:
 
 # ---------------------------------------------------------------------------------------------- activations
 class Activations:
-    """The calibration batches' hidden states between two layers: in memory while they fit ``limit`` bytes,
-    otherwise in one file under ``folder`` read back a batch at a time (to ``device``)."""
+    """The calibration batches' hidden states between two layers: in (host, pinned for CUDA) memory while they fit
+    ``limit`` bytes, otherwise in one file under ``folder``; read back a batch at a time to ``device``."""
 
     def __init__(self, limit: int | None, folder: Path | None, device: torch.device) -> None:
         self.limit, self.folder, self.device = limit, folder, device
@@ -326,19 +311,18 @@ class Activations:
         self.path: Path | None = None
         self._out = None
 
-    @property
-    def on_disk(self) -> bool:
-        return self.path is not None
-
     def append(self, t: torch.Tensor) -> None:
         t = t.detach()
         self.bytes += t.numel() * t.element_size()
         if self.path is None and self.limit is not None and self.bytes > self.limit:
             self._spill()
-        if self.path is None:
-            self.items.append(t)
-        else:
+        if self.path is not None:
             self.items.append(self._write(t))
+        elif t.device.type != "cpu":  # an accelerator holds the current layer and batch only: park the rest
+            host = t.to("cpu")
+            self.items.append(host.pin_memory() if t.device.type == "cuda" else host)
+        else:
+            self.items.append(t)
 
     def _spill(self) -> None:
         if self.folder is None:
@@ -365,7 +349,7 @@ class Activations:
     def __iter__(self):
         if self.path is None:
             for t in self.items:
-                yield t.to(self.device)
+                yield t.to(self.device, non_blocking=True)
             return
         self._out.flush()
         with open(self.path, "rb") as f:
@@ -415,8 +399,7 @@ def save_metadata(model: nn.Module, folder: Path, tokenizer, writer: ShardWriter
     """The non-layer tensors (``rest``), index, config, generation config, tokenizer and per-layer widths of a
     streamed model (its layers are written already) — what ``save_cut`` writes for an in-memory one; returns how
     the folder loads."""
-    from prunekit.realize.cuts import STRUCTURE_FILE, plain_config
-    from prunekit.surgery import structure
+    from prunekit.realize.cuts import plain_config, write_structure
 
     plain = plain_config(model)
     rest = dict(rest)
@@ -432,16 +415,7 @@ def save_metadata(model: nn.Module, folder: Path, tokenizer, writer: ShardWriter
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    record = {"plain_loadable": not isinstance(plain, str), "layers": structure(model)}
-    if isinstance(plain, str):
-        record["why_not_plain"] = plain
-    (folder / STRUCTURE_FILE).write_text(json.dumps(record, indent=1))
-    if isinstance(plain, str):
-        return {"loadable_with": "prunekit.load_pruned (prunekit eval --model FOLDER)", "plain": False,
-                "note": f"plain AutoModelForCausalLM.from_pretrained (and lm_eval --model hf) cannot load this "
-                        f"folder: {plain}"}
-    return {"loadable_with": "transformers.AutoModelForCausalLM.from_pretrained or prunekit.load_pruned",
-            "plain": True}
+    return write_structure(model, folder, plain)
 
 
 def offload_folder(options, output_dir: str | None) -> Path:
@@ -463,19 +437,6 @@ def remove(folder: Path | None) -> None:
 
 # ---------------------------------------------------------------------------------------------- the run
 STREAMABLE_PIPELINES = ("none", "sequential", "all-at-once")
-
-
-def layer_rows(model: nn.Module, layer: int) -> list[dict]:
-    """``sparsity_rows`` of one decoder layer (its projections: weights and zeros)."""
-    from prunekit.arch import adapter_for
-
-    rows = []
-    for ref in adapter_for(model).linears(model):
-        if ref.layer == layer:
-            w = ref.weight
-            rows.append({"layer": ref.layer, "role": ref.role, "name": ref.name, "numel": w.numel(),
-                         "zeros": int(w.numel() - torch.count_nonzero(w))})
-    return rows
 
 
 class StreamingRun:
@@ -648,7 +609,9 @@ class StreamingRun:
 
     def _done(self, i: int, writer: ShardWriter | None) -> None:
         """Record layer ``i``'s sparsity and parameters, write it (rank 0) and free it."""
-        self.rows += layer_rows(self.model, i)
+        from prunekit.realize.base import sparsity_rows
+
+        self.rows += sparsity_rows(self.model, layer=i)
         for _, p in self.streamer.layers[i].named_parameters():
             self.params["params_total"] += p.numel()
             self.params["params_nonzero"] += int(torch.count_nonzero(p))

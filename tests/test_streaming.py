@@ -33,9 +33,8 @@ METHODS = {
     "flap-logistic": ["--strategy", "flap", "--strategy.allocation", "logistic", "--strategy.sparsity", "0.3",
                       "--strategy.keep_first", "0", "--strategy.keep_last", "0"],
 }
-# every method on Llama; on the other families one sequential unstructured and one adaptive structured method
-CASES = [("llama", m) for m in METHODS] + [(f, m) for f in ("gemma3_text", "opt", "gpt2", "gpt_neox")
-                                          for m in ("sparsegpt", "flap")]
+FAMILIES = ("llama", "gemma3_text", "opt", "gpt2", "gpt_neox")
+CASES = [(f, m) for f in FAMILIES for m in METHODS]
 
 
 def _prune(model: Path, out: Path, method: list[str], *extra: str) -> dict:

@@ -132,12 +132,14 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"params_total": total, "params_nonzero": nonzero}
 
 
-def sparsity_rows(model: nn.Module) -> list[dict]:
-    """Per decoder projection: layer, role, weights and zeros."""
+def sparsity_rows(model: nn.Module, layer: int | None = None) -> list[dict]:
+    """Per decoder projection (of every layer, or of ``layer``): layer, role, weights and zeros."""
     from prunekit.arch import adapter_for
 
     rows = []
     for ref in adapter_for(model).linears(model):
+        if layer is not None and ref.layer != layer:
+            continue
         w = ref.weight
         rows.append({"layer": ref.layer, "role": ref.role, "name": ref.name, "numel": w.numel(),
                      "zeros": int(w.numel() - torch.count_nonzero(w))})

@@ -74,8 +74,6 @@ def save_cut(model: nn.Module, folder: str | Path, tokenizer=None) -> dict:
     ``AutoModelForCausalLM.from_pretrained`` when ``plain_config`` finds a config that states the widths,
     otherwise ``note`` says why not.
     """
-    from prunekit.surgery import structure
-
     folder = Path(folder)
     plain = plain_config(model)
     if isinstance(plain, str):
@@ -86,10 +84,18 @@ def save_cut(model: nn.Module, folder: str | Path, tokenizer=None) -> dict:
         config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    return write_structure(model, folder, plain)
+
+
+def write_structure(model: nn.Module, folder: Path, plain) -> dict:
+    """Write the per-layer widths (``prunekit_structure.json``) and return how the folder loads, given
+    ``plain_config``'s answer."""
+    from prunekit.surgery import structure
+
     record = {"plain_loadable": not isinstance(plain, str), "layers": structure(model)}
     if isinstance(plain, str):
         record["why_not_plain"] = plain
-    (folder / STRUCTURE_FILE).write_text(json.dumps(record, indent=1))
+    (Path(folder) / STRUCTURE_FILE).write_text(json.dumps(record, indent=1))
     if isinstance(plain, str):
         return {"loadable_with": "prunekit.load_pruned (prunekit eval --model FOLDER)", "plain": False,
                 "note": f"plain AutoModelForCausalLM.from_pretrained (and lm_eval --model hf) cannot load this "
