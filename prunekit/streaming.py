@@ -239,12 +239,12 @@ class Streamer:
         if self.tied:
             self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
 
-    def place(self, device: torch.device) -> None:
-        """Move the loaded non-layer tensors (embeddings, norm, rotary tables) to the compute device; tied
-        tensors stay one tensor."""
-        self.device = torch.device(device)
-        if self.device.type == "cpu":
-            return
+    def place(self, device: torch.device, compute: bool = True) -> None:
+        """Move the loaded non-layer tensors (embeddings, norm, rotary tables) to ``device`` — with ``compute``,
+        also where layers will run; tied tensors stay one tensor."""
+        device = torch.device(device)
+        if compute:
+            self.device = device
         moved: dict[int, torch.Tensor] = {}
         for name, module in self.model.named_modules():
             if name == self.prefix or name.startswith(self.prefix + "."):
@@ -253,9 +253,11 @@ class Streamer:
                 for key, t in store.items():
                     if t is None or t.is_meta:
                         continue
+                    if t.device == device:
+                        continue
                     if id(t) not in moved:
-                        moved[id(t)] = nn.Parameter(t.data.to(self.device), requires_grad=False) \
-                            if isinstance(t, nn.Parameter) else t.to(self.device)
+                        moved[id(t)] = nn.Parameter(t.data.to(device), requires_grad=False) \
+                            if isinstance(t, nn.Parameter) else t.to(device)
                     store[key] = moved[id(t)]
 
     # ----------------------------------------------------------------------------- layers
@@ -518,6 +520,7 @@ class StreamingRun:
                                  dataloaders=self.data.predict_dataloader(), return_predictions=False)
         finally:
             self.catcher.remove()
+        self.streamer.place("cpu", compute=False)  # the embeddings' work is done: off the accelerator
 
     def run(self, writer: ShardWriter | None) -> None:
         import time

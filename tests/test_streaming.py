@@ -33,8 +33,10 @@ METHODS = {
     "flap-logistic": ["--strategy", "flap", "--strategy.allocation", "logistic", "--strategy.sparsity", "0.3",
                       "--strategy.keep_first", "0", "--strategy.keep_last", "0"],
 }
-FAMILIES = ("llama", "gemma3_text", "opt", "gpt2", "gpt_neox")
-CASES = [(f, m) for f in FAMILIES for m in METHODS]
+# every method on every family; the pipeline and pattern variants (all-at-once Wanda, logistic FLAP, 2:4) on Llama
+VARIANTS = {"wanda-all-at-once", "flap-logistic", "sparsegpt-2of4"}
+CASES = [(f, m) for f in ("llama", "gemma3_text", "opt", "gpt2", "gpt_neox") for m in METHODS
+         if f == "llama" or m not in VARIANTS]
 
 
 def _prune(model: Path, out: Path, method: list[str], *extra: str) -> dict:
@@ -90,6 +92,11 @@ def test_budget_below_one_layer_names_the_minimum(tiny_llama, tmp_path, monkeypa
     code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
                  str(tmp_path / "out"), "--calibration.memory", "1GB"])
     assert code != 0 and "--calibration.streaming true" in capsys.readouterr().err
+    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
+                 str(tmp_path / "out"), "--calibration.streaming", "true", "--calibration.memory", "lots"])
+    assert code != 0 and "is not a size" in capsys.readouterr().err
+    code = main(["eval", "--model", str(tiny_llama), "--model.streaming", "true", "--data.seq_len", "32"])
+    assert code != 0 and "eval loads the whole model" in capsys.readouterr().err
 
 
 def test_missing_shard_is_named(tiny_llama, tmp_path, monkeypatch, capsys):
