@@ -86,8 +86,10 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--num_samples", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--scan_hidden", type=int, nargs="+", default=[512, 1024, 2048])
-    p.add_argument("--scan_samples", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--scan_hidden", type=int, nargs="*", default=[512, 1024, 2048])
+    p.add_argument("--scan_samples", type=int, nargs="*", default=[8, 16, 32])
+    p.add_argument("--merge", action="store_true",
+                   help="Rerun only what is asked and replace those rows in the existing streaming.json.")
     p.add_argument("--work", type=Path, default=None, help="Folder for the synthetic models (kept for reuse).")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
@@ -126,8 +128,8 @@ def main() -> None:
             row.update(hidden=hidden, tokens=args.num_samples * args.seq_len)
             result["hidden_scan"].append(row)
             shutil.rmtree(out)
-    model = make(work / "llama-2x1024", 2, 1024)
-    for samples in args.scan_samples:
+    model = make(work / "llama-2x1024", 2, 1024) if args.scan_samples else None
+    for samples in args.scan_samples if args.scan_samples else []:
         for method in args.methods:
             out = work / f"out-{method}-n{samples}"
             row = prune(model, method, out, progress, samples, args.seq_len)
@@ -135,6 +137,16 @@ def main() -> None:
             result["tokens_scan"].append(row)
             shutil.rmtree(out)
     result["total_s"] = time.time() - started
+    if args.merge and (args.out / "streaming.json").is_file():
+        old = json.loads((args.out / "streaming.json").read_text())
+        redone = {row["layers"] for row in result["depth"]}
+        old["depth"] = sorted([row for row in old["depth"] if row["layers"] not in redone] + result["depth"],
+                              key=lambda row: (row["layers"], row["method"], not row["streaming"]))
+        old["equality"].update(result["equality"])
+        for key in ("hidden_scan", "tokens_scan"):
+            old[key] = result[key] or old[key]
+        old["total_s"] = old.get("total_s", 0) + result["total_s"]
+        result = old
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,6 +202,7 @@ def plot(r: dict, path: Path) -> None:
             a.plot([row["layers"]], [row["peak_rss_mb"] / 1024], "x", ms=10, label=f"{row['method']}, in memory")
     a.plot(layers, [sizes[n] / 1.073741824 for n in layers], "k--", label="weights alone (GiB)")
     a.set(xlabel="decoder layers", ylabel="peak RSS (GiB)", title="peak memory against depth")
+    a.set_ylim(bottom=0)
     a.legend(fontsize=8)
     for ax, key, label in ((b, "hidden_scan", "hidden size"), (c, "tokens_scan", "calibration tokens")):
         rows = r[key]

@@ -263,7 +263,9 @@ def test_prefix_mode_equals_prefill_then_cached_decode(family):
     assert experts_one.keys() == experts_pre.keys()
     assert all(torch.equal(experts_one[i], experts_pre[i]) for i in experts_pre)
     torch.testing.assert_close(one.logits[:, P - 1:], stepwise, rtol=0, atol=1e-5)
-    assert torch.equal(one.logits[:, :P], pre.logits)  # the prefix itself is dense
+    # the prefix itself is dense (a 6-token and a 15-token forward may round differently: CPU kernels pick their
+    # blocking by shape, so this compares to float tolerance, as the decoded part above)
+    torch.testing.assert_close(one.logits[:, :P], pre.logits, rtol=0, atol=1e-6)
 
 
 def test_prefix_counts_real_tokens_of_left_padded_rows():
@@ -729,9 +731,11 @@ def test_cli_prune_and_load(griffin_folder, tiny_llama):
     GriffinRuntime(density=0.5).install(here)
     got, want, plain = _generate(loaded), _generate(here), _generate(dense)
     assert torch.equal(got.sequences, want.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
-    assert torch.equal(got.logits[0], plain.logits[0])  # the prompt is dense
-    assert not torch.allclose(got.logits[1], plain.logits[1])  # generation is not
+    # same computation; a reloaded tensor's memory layout may select another CPU kernel (last-bit rounding)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.logits[0], plain.logits[0], rtol=0, atol=1e-6)  # the prompt is dense
+    assert not torch.allclose(got.logits[1], plain.logits[1], atol=1e-3)  # generation is not
     e_got, e_want = rt.experts_of(got.past_key_values), rt.experts_of(want.past_key_values)
     assert all(torch.equal(e_got[i], e_want[i]) for i in e_want)
 
@@ -779,8 +783,9 @@ def test_composition_with_a_static_cut(composed):
     here_rt.install(here)
     want = _generate(here)
     assert torch.equal(out.sequences, want.sequences)
-    assert all(torch.equal(x, y) for x, y in zip(out.logits, want.logits))
-    assert not torch.allclose(out.logits[1], _generate(cut).logits[1])
+    for x, y in zip(out.logits, want.logits):  # to float tolerance: see test_cli_prune_and_load
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    assert not torch.allclose(out.logits[1], _generate(cut).logits[1], atol=1e-3)
 
 
 def test_eval_runtime_options(composed, tiny_llama, tmp_path, monkeypatch, capsys):
