@@ -432,6 +432,25 @@ def offload_folder(options, output_dir: str | None) -> Path:
                             "--calibration.offload_dir") from None
 
 
+def give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large frees, so a layer's freed buffers then stay in the heap as free,
+    fragmented chunks and the resident size creeps up layer after layer (+440 MB over 32 layers of hidden 2048
+    without this); trimming once per layer keeps the peak flat in depth."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def remove(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -575,6 +594,7 @@ class StreamingRun:
                 summaries[i] = strategy.summarize(model, observed, i)
                 kept[i] = observed
                 streamer.leave(i)
+                give_back_memory()
             if outputs is not None:
                 self.hidden.close()
                 self.hidden = outputs
@@ -621,6 +641,7 @@ class StreamingRun:
         if writer is not None:
             writer.write(i, self.streamer.state(i))
         self.streamer.leave(i)
+        give_back_memory()
         from prunekit.pipeline import notify
 
         notify(self.trainer, "on_layer_done", self.module, i)
