@@ -166,7 +166,7 @@ def table(r: dict) -> str:
              f"{shape(r['hidden'])['heads']}/{shape(r['hidden'])['kv_heads']} heads, vocabulary 49152), fp32, 50% "
              f"unstructured; calibration {r['calibration']}; {r['cpu_count']} CPU cores; peak RSS = VmHWM of the "
              "run's process", "",
-             "| layers | weights (GB) | method | mode | peak RSS (GB) | wall (s) | s / layer |",
+             "| layers | weights (GB) | method | mode | peak RSS (GiB) | wall (s) | s / layer |",
              "|---|---|---|---|---|---|---|"]
     for row in r["depth"]:
         lines.append(f"| {row['layers']} | {row['model_gb']:.1f} | {row['method']} | "
