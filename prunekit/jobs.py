@@ -244,14 +244,14 @@ def prune_streaming(cli) -> dict:
     set_ranks = getattr(trainer.strategy, "set_world_ranks", None)
     if callable(set_ranks):  # ranks are known before the first pass (only rank 0 writes)
         set_ranks()
+    run = StreamingRun(trainer, module, dm if strategy.pipeline != "none" else None, strategy, None,
+                       module.streamer, c.calibration, c.output_dir)
+    run.check()  # streamable, and the budget holds a layer: before the data is built
     sources = None
     if strategy.pipeline != "none":
         dm.calibration_sequences()
         sources = dm.calibration_sources()
-    context = Context(sources, dm.tokenizer, dm.seed, trainer.is_global_zero, trainer.world_size)
-    run = StreamingRun(trainer, module, dm if strategy.pipeline != "none" else None, strategy, context,
-                       module.streamer, c.calibration, c.output_dir)
-    run.check()
+    run.context = Context(sources, dm.tokenizer, dm.seed, trainer.is_global_zero, trainer.world_size)
     dense_totals = linear_totals(model)  # shapes only: the layers are on the meta device
     result: dict[str, Any] = {"model": module.model_name, **strategy.describe(), "pipeline": strategy.pipeline,
                               "streaming": True, "memory_budget": c.calibration.memory,
