@@ -188,17 +188,9 @@ def prune(cli) -> dict:
         log_and_close(trainer, flat, strategy.describe(), tables=_tables(result), images=images)
 
         def write(tmp: Path) -> None:
-            saved = {}
             if c.save_model:
-                saved = realizer.save(realized, tmp, dm.tokenizer)
-                result["saved"] = saved
-            (tmp / "config.yaml").write_text(config_text)
-            (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
-            record = {"plan": plan.kind, "pruned_by": strategy.describe(), "source": module.model_name,
-                      "loading": saved}
-            (tmp / "prunekit.json").write_text(json.dumps(record, indent=2))
-            for path in images.values():
-                shutil.copy(path, tmp / Path(path).name)
+                result["saved"] = realizer.save(realized, tmp, dm.tokenizer)
+            _write_records(tmp, config_text, result, plan.kind, strategy, module.model_name, images)
             if c.save_statistics:
                 meta = {"strategy": strategy.name, "pipeline": calibration.pipeline, "sources": sources,
                         "model": module.model_name, "model_fingerprint": dense_print,
@@ -209,11 +201,7 @@ def prune(cli) -> dict:
         out = write_atomically(c.output_dir, c.overwrite, write)
 
     _print_prune(result, strategy, calibration_text, dm, trainer)
-    print(f"saved to {out}")
-    if "saved" in result:
-        print(f"reload with {result['saved']['loadable_with']}")
-        if result["saved"].get("note"):
-            print(f"note: {result['saved']['note']}")
+    _print_saved(out, result)
     return result
 
 
@@ -284,13 +272,7 @@ def prune_streaming(cli) -> dict:
         with scratch() as plots:
             images = _plots(result, plots)
             log_and_close(trainer, _flat_metrics(result), strategy.describe(), tables=_tables(result), images=images)
-            (tmp / "config.yaml").write_text(config_text)
-            (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
-            record = {"plan": run.kind, "pruned_by": strategy.describe(), "source": module.model_name,
-                      "loading": result.get("saved", {})}
-            (tmp / "prunekit.json").write_text(json.dumps(record, indent=2))
-            for path in images.values():
-                shutil.copy(path, tmp / Path(path).name)
+            _write_records(tmp, config_text, result, run.kind, strategy, module.model_name, images)
             notify(trainer, "on_save", module, tmp)
 
     notify(trainer, "on_calibration_start", module, strategy)
@@ -304,12 +286,28 @@ def prune_streaming(cli) -> dict:
         run.close()
     calibration_text = dm.describe_calibration() if strategy.pipeline != "none" else "none (data-free method)"
     _print_prune(result, strategy, calibration_text, dm, trainer, streaming=True)
+    _print_saved(out, result)
+    return result
+
+
+def _write_records(tmp: Path, config_text: str, result: dict, kind: str, strategy, source: str,
+                   images: dict[str, Path]) -> None:
+    """What every prune output folder holds besides the model: the resolved config, the metrics, the record of
+    how it was made and loads (``prunekit.json``), and the plots."""
+    (tmp / "config.yaml").write_text(config_text)
+    (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    record = {"plan": kind, "pruned_by": strategy.describe(), "source": source, "loading": result.get("saved", {})}
+    (tmp / "prunekit.json").write_text(json.dumps(record, indent=2))
+    for path in images.values():
+        shutil.copy(path, tmp / Path(path).name)
+
+
+def _print_saved(out: Path, result: dict) -> None:
     print(f"saved to {out}")
     if "saved" in result:
         print(f"reload with {result['saved']['loadable_with']}")
         if result["saved"].get("note"):
             print(f"note: {result['saved']['note']}")
-    return result
 
 
 def _json_default(o):
