@@ -44,6 +44,15 @@ def _prune(model: Path, out: Path, method: list[str], *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _refused(model: Path, out: Path, capsys, *args: str, command: str = "prune") -> str:
+    """Run a command that must fail: non-zero exit, no output folder; its stderr."""
+    code = main([command, "--model", str(model), *args, *COMMON, "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0, err
+    assert not out.exists()
+    return err
+
+
 def _same_weights(a: Path, b: Path) -> None:
     sa, sb = load_pruned(str(a)).state_dict(), load_pruned(str(b)).state_dict()
     assert sa.keys() == sb.keys()
@@ -84,17 +93,15 @@ def test_offloaded_activations_change_nothing(tiny_llama, tmp_path, monkeypatch)
 
 def test_budget_below_one_layer_names_the_minimum(tiny_llama, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
-                 str(tmp_path / "out"), "--calibration.streaming", "true", "--calibration.memory", "10KB"])
-    err = capsys.readouterr().err
-    assert code != 0 and "below the minimum" in err and "bytes" in err and "largest layer" in err
-    assert not (tmp_path / "out").exists()
-    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
-                 str(tmp_path / "out"), "--calibration.memory", "1GB"])
-    assert code != 0 and "--calibration.streaming true" in capsys.readouterr().err
-    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
-                 str(tmp_path / "out"), "--calibration.streaming", "true", "--calibration.memory", "lots"])
-    assert code != 0 and "is not a size" in capsys.readouterr().err
+    out = tmp_path / "out"
+    err = _refused(tiny_llama, out, capsys, "--strategy", "wanda", "--calibration.streaming", "true",
+                   "--calibration.memory", "10KB")
+    assert "below the minimum" in err and "bytes" in err and "largest layer" in err
+    err = _refused(tiny_llama, out, capsys, "--strategy", "wanda", "--calibration.memory", "1GB")
+    assert "--calibration.streaming true" in err
+    err = _refused(tiny_llama, out, capsys, "--strategy", "wanda", "--calibration.streaming", "true",
+                   "--calibration.memory", "lots")
+    assert "is not a size" in err
     code = main(["eval", "--model", str(tiny_llama), "--model.streaming", "true", "--data.seq_len", "32"])
     assert code != 0 and "eval loads the whole model" in capsys.readouterr().err
 
@@ -118,22 +125,16 @@ def test_missing_shard_is_named(tiny_llama, tmp_path, monkeypatch, capsys):
     # complete, it streams
     _prune(src, tmp_path / "ok", METHODS["magnitude"], "--calibration.streaming", "true")
     (src / "model-00002-of-00002.safetensors").unlink()
-    code = main(["prune", "--model", str(src), "--strategy", "magnitude", *COMMON, "--output_dir",
-                 str(tmp_path / "out"), "--calibration.streaming", "true"])
-    err = capsys.readouterr().err
-    assert code != 0 and "model-00002-of-00002.safetensors" in err and "missing" in err
-    assert not (tmp_path / "out").exists()
+    err = _refused(src, tmp_path / "out", capsys, "--strategy", "magnitude", "--calibration.streaming", "true")
+    assert "model-00002-of-00002.safetensors" in err and "missing" in err
 
 
 @pytest.mark.parametrize("method", [["seap", "--strategy.keep_first", "0", "--strategy.keep_last", "0"],
                                     ["shadowllm-static"], ["griffin"]], ids=lambda m: m[0])
 def test_methods_that_cannot_stream_say_so(tiny_llama, tmp_path, monkeypatch, capsys, method):
     monkeypatch.chdir(tmp_path)
-    code = main(["prune", "--model", str(tiny_llama), "--strategy", *method, *COMMON, "--output_dir",
-                 str(tmp_path / "out"), "--calibration.streaming", "true"])
-    err = capsys.readouterr().err
-    assert code != 0 and "stream" in err and "in memory" in err
-    assert not (tmp_path / "out").exists()
+    err = _refused(tiny_llama, tmp_path / "out", capsys, "--strategy", *method, "--calibration.streaming", "true")
+    assert "stream" in err and "in memory" in err
 
 
 def test_read_only_source_is_never_modified(tiny_llama, tmp_path, monkeypatch):
@@ -164,11 +165,9 @@ def test_accelerator_requested_but_absent(tiny_llama, tmp_path, monkeypatch, cap
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     monkeypatch.chdir(tmp_path)
-    code = main(["prune", "--model", str(tiny_llama), "--strategy", "wanda", *COMMON, "--output_dir",
-                 str(tmp_path / "out"), "--calibration.streaming", "true", "--trainer.accelerator", "gpu"])
-    err = capsys.readouterr().err
-    assert code != 0 and "--trainer.accelerator gpu" in err and "no GPU" in err and "cpu" in err
-    assert not (tmp_path / "out").exists()
+    err = _refused(tiny_llama, tmp_path / "out", capsys, "--strategy", "wanda", "--calibration.streaming", "true",
+                   "--trainer.accelerator", "gpu")
+    assert "--trainer.accelerator gpu" in err and "no GPU" in err and "cpu" in err
 
 
 @pytest.mark.slow
