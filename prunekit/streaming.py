@@ -486,7 +486,7 @@ class StreamingRun:
 
     # ----------------------------------------------------------------------------- checks
     def layerwise(self) -> bool:
-        return self.pipeline == "sequential" or bool(getattr(self.strategy, "layerwise", lambda m: False)(self.model))
+        return self.pipeline == "sequential" or self.strategy.layerwise(self.model)
 
     def check(self) -> None:
         s = self.strategy
