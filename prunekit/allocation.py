@@ -112,6 +112,7 @@ def adaptive(
     head_unit: int = 1,
     protect: set[int] | None = None,
     allow_empty: bool = False,
+    fixed: float = 0.0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Global selection (FLAP AL-AM): return per-layer bool masks of heads and channels to *remove*.
 
@@ -119,12 +120,13 @@ def adaptive(
     channels of all layers are ranked together by standardised score and removed, lowest first, while the
     removed cost stays within ``ratio`` of the total. ``standardization=None``: scores are already comparable.
     Layers in ``protect`` are never touched. At least one head unit and one channel stay in every layer unless
-    ``allow_empty`` (FLAP's reference thresholds the pooled scores with no such floor).
+    ``allow_empty`` (FLAP's reference thresholds the pooled scores with no such floor). ``fixed``: weights that
+    count in the total but that no unit removes (the shared K/V head when single query heads are the units).
     """
     check_ratio(ratio)
     protect = protect or set()
     entries = []  # (standardised score, cost, kind, layer, index)
-    total = 0.0
+    total = float(fixed)
     for layer, (h, c) in enumerate(zip(head_scores, channel_scores)):
         total += h.numel() * head_cost * head_unit + c.numel() * channel_cost
         if layer in protect:

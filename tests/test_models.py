@@ -55,7 +55,7 @@ def test_smollm2_dequantized_once_into_a_fresh_cache(monkeypatch, tmp_path):
     stamp = (target / "model.safetensors").stat().st_mtime_ns
     assert models.resolve("smollm2-135m") == folder and (target / "model.safetensors").stat().st_mtime_ns == stamp
 
-    gguf = models._gguf_path(models.ZOO["smollm2-135m"])
+    gguf = models._gguf_path(models.ZOO["smollm2-135m"], tmp_path)
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     cached = models.load_model("smollm2-135m")
     tok = models.load_tokenizer("smollm2-135m")

@@ -199,3 +199,44 @@ def test_adaptive_query_unit_under_gqa_is_refused_before_calibration(tiny_llama)
     strategy = FLAP(sparsity=0.3, head_unit="query")
     with pytest.raises(PrunekitError, match="whole KV groups"):
         strategy.check(PrunableLM(str(tiny_llama)).model)
+
+
+@pytest.fixture(scope="module")
+def tiny_mqa(tmp_path_factory):
+    """A tiny Gemma 3 with one KV head for its four query heads (Gemma-3-270M's layout)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny.config("gemma3_text")
+    cfg.num_key_value_heads = 1
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("mqa")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, safe_serialization=True)
+    tiny.tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("make", [lambda: FLAP(sparsity=0.6, head_unit="query"),
+                                  lambda: WandaSP(sparsity=0.5, head_unit="query")], ids=["flap", "wanda-sp"])
+def test_single_kv_head_query_unit_removes_query_heads_and_keeps_the_kv_head(tiny_mqa, make):
+    """Under one KV head the query unit works with every allocation (adaptive too): query heads go, K/V stays,
+    and the ratio is of all attention+MLP weights, the shared K/V head included."""
+    from prunekit.surgery import attention_heads
+
+    dense_total, _ = linear_counts(PrunableLM(str(tiny_mqa)).model)
+    strategy = make()
+    module = _run(tiny_mqa, strategy)
+    heads = [attention_heads(module.model, i) for i in range(tiny.LAYERS)]
+    assert all(kv == 1 for _, kv in heads), heads
+    assert any(q < 4 for q, _ in heads), f"no query head removed: {heads}"
+    total, _ = linear_counts(module.model)
+    assert abs((1 - total / dense_total) - strategy.sparsity) < 0.05, (total, dense_total)
+
+
+def test_single_kv_head_group_unit_is_the_whole_attention(tiny_mqa):
+    """kv_group under one KV head: the unit is all of a layer's attention, which a layer keeps; channels
+    carry the ratio."""
+    from prunekit.surgery import attention_heads
+
+    module = _run(tiny_mqa, WandaSP(sparsity=0.5))
+    assert [attention_heads(module.model, i) for i in range(tiny.LAYERS)] == [(4, 1)] * tiny.LAYERS
+    assert all(m.mlp.down_proj.in_features < tiny.FFN for m in module.model.model.layers)

@@ -109,7 +109,7 @@ class ShadowStatic(PruningStrategy):
     def check(self, model: nn.Module) -> None:
         layers = self._layers(model)
         n_q, n_kv = attention_heads(model, layers[0])
-        if self.prune_heads and self.head_unit == "query" and self.scope == "global" and n_q != n_kv:
+        if self.prune_heads and self.head_unit == "query" and self.scope == "global" and 1 < n_kv != n_q:
             raise PrunekitError("head_unit='query' with scope='global' would remove different numbers of query heads "
                                 "from the KV groups of a layer, which a cut model cannot hold: use "
                                 "head_unit='kv_group' or scope='local'")
