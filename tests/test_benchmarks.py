@@ -18,20 +18,20 @@ def test_suite_writes_table_json_and_plots_with_progress(tiny_llama, tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "PRUNEKIT_BENCH_IN_PROCESS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--model", str(tiny_llama),
-                        "--methods", "wanda", "flap", "--ratios", "0.5", "--tasks", "copa", "--limit", "3",
+                        "--methods", "wanda", "flap", "wanda-2:4", "--ratios", "0.5", "--tasks", "copa", "--limit", "3",
                         "--num_samples", "4", "--seq_len", "32", "--eval_samples", "2", "--repeats", "1",
                         "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    for step in ("[1/6] eval dense-eval", "[2/6] prune wanda-50", "[6/6] bench"):
+    for step in ("[1/8] eval dense-eval", "[2/8] prune wanda-50", "[6/8] prune wanda-2:4", "[8/8] bench"):
         assert step in r.stdout
     assert "ETA 0:" in r.stdout
     rows = json.loads((out / "suite.json").read_text())["rows"]
-    assert [row["name"] for row in rows] == ["dense", "wanda-50", "flap-50"]
+    assert [row["name"] for row in rows] == ["dense", "wanda-50", "flap-50", "wanda-2:4"]
     for row in rows:
         assert row["perplexity"] > 1 and 0 <= row["acc/copa"] <= 1 and row["decode_tok_s"] > 0
     assert rows[2]["params"] < rows[0]["params"] == rows[1]["params"] > rows[1]["params_nonzero"]
     table = (out / "suite.md").read_text()
-    assert "| wanda-50 | 50% |" in table and "| flap-50 | 50% |" in table
+    assert "| wanda-50 | 50% (" in table and "| flap-50 | 50% (" in table
     for name in ("suite_perplexity.png", "suite_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
