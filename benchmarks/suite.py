@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="keep every run here and reuse finished ones (default: a temporary folder)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
+    parser.add_argument("--structured_ratios", nargs="+", type=float, default=None,
+                        help="ratios of the structured and task-expert methods (default: --ratios)")
     parser.add_argument("--tasks", default="seap7", help="comma-separated tasks or groups for prunekit eval")
     parser.add_argument("--limit", type=float, default=200, help="documents per task (0 = all)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -77,7 +79,9 @@ def main() -> None:
     task_flags = ["--tasks", f"[perplexity,{args.tasks}]", *(["--limit", f"{args.limit:g}"] if args.limit else [])]
     started = time.time()
     rows = []
-    runs = [(m, None) if m in PATTERNS else (m, r) for m in args.methods for r in args.ratios]
+    structured = args.structured_ratios or args.ratios
+    runs = [(m, None) if m in PATTERNS else (m, r) for m in args.methods
+            for r in (structured if m in STRUCTURED or m in TASK_EXPERTS else args.ratios)]
     runs = list(dict.fromkeys(runs))  # a pattern runs once
     progress = common.Progress(2 + 2 * len(runs))
     with tempfile.TemporaryDirectory() as tmp:
