@@ -456,7 +456,8 @@ def evaluate(cli) -> dict:
 
         t = time.perf_counter()
         summary = evaluate_realized(realized, dm.tokenizer, tasks, limit=c.limit, num_fewshot=c.num_fewshot,
-                                    batch_size=c.batch_size, max_gen_toks=c.max_gen_toks)
+                                    batch_size=c.batch_size, max_gen_toks=c.max_gen_toks,
+                                    prefix_sharing=c.prefix_sharing, cache=c.tasks_cache)
         raw = summary.pop("raw")
         result["tasks"] = summary
         result["tasks_time_s"] = time.perf_counter() - t
@@ -502,3 +503,11 @@ def _print_eval(result: dict, c, dm) -> None:
         if result["tasks"].get("members"):
             print("each task scored with its member: " + ", ".join(f"{t} → {m}" for t, m in result["tasks"]["members"].items()))
         print(format_table(result["tasks"]))
+        scoring = result["tasks"].get("config", {}).get("scoring", {})
+        ll = scoring.get("requests", {}).get("loglikelihood")
+        if result["tasks"].get("cached"):
+            print(f"(lm-eval results reused from {result['tasks']['cached']})")
+        elif ll and ll["seconds"] > 0:
+            how = "shared contexts" if scoring.get("prefix_sharing") else "lm-eval's HFLM"
+            print(f"{ll['requests']} log-likelihood requests in {ll['seconds']:.1f} s "
+                  f"({ll['requests'] / ll['seconds']:.1f}/s, {how})")

@@ -156,6 +156,14 @@ class EvalCLI(BaseCLI):
         parser.add_argument("--batch_size", type=int, default=8, help="lm-eval batch size.")
         parser.add_argument("--max_gen_toks", type=int | None, default=None,
                             help="Generated tokens per answer for generation tasks (lm-eval default 256).")
+        parser.add_argument("--prefix_sharing", type=bool, default=True,
+                            help="Score the choices of a multiple-choice request on one run of their shared context "
+                                 "(prunekit.fastlm: the same metrics as lm-eval's HFLM, faster); false runs lm-eval's "
+                                 "HFLM as is.")
+        parser.add_argument("--tasks_cache", type=bool, default=False,
+                            help="Reuse the lm-eval results of an earlier run with the same weights, tokenizer, tasks "
+                                 "and options (prunekit.evalcache; stored in $PRUNEKIT_EVAL_CACHE, else "
+                                 "<prunekit cache>/zeroshot).")
         parser.add_argument("--runtime", type=dict | None, default=None,
                             help="Options for a dynamic method's runtime saved in the folder, e.g. "
                                  "--runtime '{mode: class}'.")

@@ -1,13 +1,17 @@
 """lm-eval zero-/few-shot accuracy for a model instance (dense, pruned folder, or with a dynamic method hooked in).
 
-The model object itself is handed to lm-eval's ``HFLM`` (no reload, no patched harness), with prunekit's
-``TaskManager`` that indexes only the packaged tasks of ``prunekit.tasks``. Results keep lm-eval's metric
-names (``acc``, ``acc_norm``, ``exact_match`` per filter) and standard errors.
+The model object itself is handed to lm-eval's ``HFLM`` (no reload, no patched harness) — by default its
+subclass ``prunekit.fastlm.PrefixSharingLM``, which scores the choices of a multiple-choice request on one run
+of their shared context — with prunekit's ``TaskManager`` that indexes only the packaged tasks of
+``prunekit.tasks``. Results keep lm-eval's metric names (``acc``, ``acc_norm``, ``exact_match`` per filter) and
+standard errors.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 from prunekit.errors import PrunekitError
 from prunekit.tasks import expand, task_manager
@@ -15,16 +19,23 @@ from prunekit.tasks import expand, task_manager
 
 def evaluate_tasks(model, tokenizer, tasks: list[str] | str, limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, max_gen_toks: int | None = None,
-                   seed: int = 1234) -> dict:
+                   seed: int = 1234, prefix_sharing: bool = True, cache: bool = False,
+                   log_samples: bool = False) -> dict:
     """Run lm-eval on ``tasks`` (names, lm-eval groups such as ``mmlu``, or prunekit groups such as ``seap7``).
 
     Returns ``{"tasks": {name: {metric: value, metric_stderr: value, "n": docs}}, "groups": {...},
     "average": {...}, "config": {...}, "raw": lm-eval's own output}``; ``limit`` takes the first N evaluation documents of each task (a
     fraction if below 1), as lm-eval does. ``seed`` seeds lm-eval's few-shot sampling (its default, 1234).
-    """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    ``config["scoring"]`` says which scorer ran and, per request type, how many requests it scored in how many
+    seconds.
 
+    ``prefix_sharing``: score log-likelihood requests with ``prunekit.fastlm.PrefixSharingLM`` (the same metrics,
+    faster); False runs lm-eval's ``HFLM`` as is. A model with a prunekit runtime installed (GRIFFIN, ShadowLLM:
+    decisions that depend on the whole prompt) always takes lm-eval's own path. ``cache``: reuse the result of an
+    earlier call with the same weights, tokenizer, tasks and options (``prunekit.evalcache``; never for a model
+    with a runtime); the summary then carries ``cached`` (the file). ``log_samples``: lm-eval's per-document
+    records (``raw["samples"]``: arguments and responses of every request).
+    """
     names = [t for t in expand(tasks) if t != "perplexity"]
     if not names:
         return {"tasks": {}, "groups": {}, "average": {}, "config": {}}
@@ -32,22 +43,79 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str, limit: int | float 
         raise PrunekitError(f"limit must be positive (documents per task, or a fraction below 1), got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
         raise PrunekitError(f"num_fewshot must be >= 0, got {num_fewshot}")
-    was_training = model.training
     from prunekit.realize.runtime import runtime_of
 
     runtime = runtime_of(model)
+    if cache and runtime is None:
+        from prunekit import evalcache
+
+        options = {"tasks": names, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
+                   "max_gen_toks": max_gen_toks, "seed": seed, "prefix_sharing": prefix_sharing,
+                   "log_samples": log_samples}
+        fields = evalcache.key_fields(model, tokenizer, options)
+        digest = evalcache.key(fields)
+        hit = evalcache.load(digest)
+        if hit is not None:
+            summary, path = hit
+            summary["cached"] = str(path)
+            print(f"lm-eval results reused from {path} (same weights, tokenizer, tasks and options)", file=sys.stderr)
+            return summary
+    summary = _evaluate(model, tokenizer, names, runtime, limit=limit, num_fewshot=num_fewshot,
+                        batch_size=batch_size, max_gen_toks=max_gen_toks, seed=seed, prefix_sharing=prefix_sharing,
+                        log_samples=log_samples)
+    if cache and runtime is None:
+        evalcache.store(digest, fields, summary)
+    return summary
+
+
+def _evaluate(model, tokenizer, names: list[str], runtime, *, limit, num_fewshot, batch_size, max_gen_toks, seed,
+              prefix_sharing, log_samples) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
     if runtime is not None and not runtime.scores_padded_batches:
         batch_size = 1  # lm-eval pads log-likelihood batches on the right without a mask
-    lm = (_runtime_lm() if runtime is not None else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if runtime is not None:
+        lm_class = _runtime_lm()
+    elif prefix_sharing:
+        from prunekit.fastlm import PrefixSharingLM as lm_class
+    else:
+        lm_class = HFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    timing = _time_requests(lm)
     gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None
     out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(),
                           gen_kwargs=gen_kwargs,
-                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                           fewshot_random_seed=seed)
     model.train(was_training)
     summary = summarize(out, names)
+    summary["config"]["scoring"] = {"lm": lm_class.__name__, "prefix_sharing": lm_class.__name__ == "PrefixSharingLM",
+                                    "requests": timing, **({"plain_fallback": lm.stats["plain_requests"]}
+                                                           if hasattr(lm, "stats") else {})}
     summary["raw"] = out
     return summary
+
+
+def _time_requests(lm) -> dict:
+    """Count the requests of each type the instance scores and the seconds it takes (filled as lm-eval runs)."""
+    timing: dict[str, dict] = {}
+
+    def timed(name, method):
+        def call(requests, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(requests, *args, **kwargs)
+            finally:
+                row = timing.setdefault(name, {"requests": 0, "seconds": 0.0})
+                row["requests"] += len(requests)
+                row["seconds"] += time.perf_counter() - start
+        return call
+
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, name, timed(name, getattr(lm, name)))
+    return timing
 
 
 def _runtime_lm():
