@@ -79,7 +79,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--eval_samples", type=int, default=40)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--dense_cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the dense model's lm-eval results of an earlier run with the same weights, tasks and "
+                        "options (prunekit.evalcache, in $PRUNEKIT_EVAL_CACHE or <prunekit cache>/zeroshot); "
+                        "--no-dense_cache scores them again")
     return p
+
+
+def dense_cache_flags(args: argparse.Namespace) -> list[str]:
+    """``prunekit eval`` options of the dense model's evaluation: its lm-eval results cached unless
+    ``--no-dense_cache`` (a pruned folder's evaluation is run once anyway)."""
+    return ["--tasks_cache", "true" if getattr(args, "dense_cache", False) else "false"]
 
 
 def data_flags(args: argparse.Namespace) -> list[str]:

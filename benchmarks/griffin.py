@@ -167,7 +167,7 @@ def main() -> None:
     for name, options in (("dense", None), ("griffin", {"variant": "topk"}), ("magnitude", {"variant": "magnitude"})):
         if options:
             install(model, density=0.5, mode="class", **options)
-        summary = evaluate_tasks(model, tokenizer, args.tasks, limit=limit)
+        summary = evaluate_tasks(model, tokenizer, args.tasks, limit=limit, cache=args.dense_cache and not options)
         uninstall(model)
         zeroshot[name] = {t: summary["tasks"][t].get("acc") for t in args.tasks}
         zeroshot[name]["average"] = summary["average"].get("acc")

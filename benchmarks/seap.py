@@ -79,7 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        dense = common.run(["eval", *data, *task_flags], work / "dense-eval", progress, reuse=True)
+        dense = common.run(["eval", *data, *task_flags, *common.dense_cache_flags(args)], work / "dense-eval",
+                           progress, reuse=True)
         rows.append(_row("dense", "-", 0.0, dense, None))
         folders, statistics = {}, None
         for method, ratio, allocation in runs:

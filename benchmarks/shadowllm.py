@@ -87,13 +87,13 @@ def probe_pass(strategy, model, dm):
     return store.results()
 
 
-def evaluate(model, tokenizer, dm, tasks, limit) -> dict:
+def evaluate(model, tokenizer, dm, tasks, limit, cache: bool = False) -> dict:
     from prunekit.api import default_trainer
     from prunekit.evaluate import perplexity
     from prunekit.zeroshot import evaluate_tasks
 
     row = {"perplexity": perplexity(default_trainer(), model, dm)}
-    summary = evaluate_tasks(model, tokenizer, tasks, limit=limit)
+    summary = evaluate_tasks(model, tokenizer, tasks, limit=limit, cache=cache)
     for t in tasks:
         row[f"acc/{t}"] = summary["tasks"][t].get("acc")
     row["average_acc"] = sum(row[f"acc/{t}"] for t in tasks) / len(tasks)
@@ -204,7 +204,7 @@ def main() -> None:
 
     # 3. dense and static criteria
     progress.step("dense and static criteria (global; plainact local)")
-    dense = evaluate(model, tokenizer, dm, args.tasks, limit)
+    dense = evaluate(model, tokenizer, dm, args.tasks, limit, cache=args.dense_cache)
     dense["params"] = params(model)
     signal = [t for t in args.tasks if dense[f"acc/{t}"] > CHANCE[t]]
     dense["average_above_chance"] = above_chance(dense, signal)

@@ -88,7 +88,8 @@ def main() -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         reuse = args.work is not None
-        evaluations = {"dense": common.run(["eval", *data, *task_flags], work / "dense-eval", progress, reuse)}
+        evaluations = {"dense": common.run(["eval", *data, *task_flags, *common.dense_cache_flags(args)],
+                                           work / "dense-eval", progress, reuse)}
         folders = {}
         for method, ratio in runs:
             name = method if ratio is None else f"{method}-{int(round(ratio * 100))}"

@@ -222,3 +222,26 @@ def test_smollm2_metrics_identical_with_prefix_sharing():
     print(f"\n{len(diffs)} requests: max |Δ log-likelihood| {max(diffs):.2e}; "
           f"{seconds[False]:.1f} s lm-eval, {seconds[True]:.1f} s shared contexts")
     assert max(diffs) < 1e-3
+
+
+@pytest.mark.slow
+def test_zeroshot_benchmark_script(tiny_llama, tmp_path):
+    """benchmarks/zeroshot.py end to end on the tiny model: both scorers per task and in one call, identical metrics,
+    its table, JSON and plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "zeroshot.py"), "--model", str(tiny_llama),
+                        "--tasks", "copa", "arc_easy", "--limit", "3", "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "zeroshot.json").read_text())
+    assert [row["task"] for row in result["rows"]] == ["copa", "arc_easy"]
+    for row in [*result["rows"], result["combined"]]:
+        assert row["identical"] and row["greedy_differs"] == 0 and row["max_abs_diff"] < 1e-3
+        assert row["requests"] > 0 and row["req_s_plain"] > 0 and row["req_s_fast"] > 0
+    assert "| arc_easy | 12 |" in (out / "zeroshot.md").read_text()
+    assert (out / "zeroshot.png").read_bytes()[:4] == b"\x89PNG"
