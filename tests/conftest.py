@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("PRUNEKIT_EVAL_CACHE", "off")  # no lm-eval results cached in the user's folder; tests that
+# exercise the cache (tests/test_fastlm.py) point it at their own tmp_path
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the workers share the cores, one thread each
     os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
