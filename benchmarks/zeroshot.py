@@ -67,9 +67,11 @@ def best(model, tokenizer, tasks: list[str], args, first: bool) -> dict[bool, di
 
 
 def compare(plain: dict, fast: dict) -> dict:
-    """Metrics identical? Largest per-request |Δ log-likelihood| and is-greedy disagreements."""
+    """Metrics identical? Largest per-request |Δ log-likelihood|, is-greedy disagreements, and the smallest gap
+    between a document's best two choices (by log-likelihood, and per character as acc_norm ranks them): a
+    difference far below it cannot change which choice wins."""
     a, b = plain["summary"], fast["summary"]
-    diff, greedy, count = 0.0, 0, 0
+    diff, greedy, count, margin = 0.0, 0, 0, float("inf")
     for task, docs in a["raw"]["samples"].items():
         for doc, other in zip(docs, b["raw"]["samples"][task], strict=True):
             assert doc["doc_id"] == other["doc_id"] and doc["arguments"] == other["arguments"]
@@ -77,8 +79,14 @@ def compare(plain: dict, fast: dict) -> dict:
                 diff = max(diff, abs(ref[0] - got[0]))
                 greedy += ref[1] != got[1]
                 count += 1
+            lls = [ref[0] for (ref,) in doc["resps"]]
+            if len(lls) > 1:
+                per_char = [ll / max(len(arg[1]), 1) for ll, arg in zip(lls, doc["arguments"], strict=True)]
+                for values in (lls, per_char):
+                    top = sorted(values, reverse=True)
+                    margin = min(margin, top[0] - top[1])
     return {"identical": a["tasks"] == b["tasks"] and a["groups"] == b["groups"] and a["average"] == b["average"],
-            "max_abs_diff": diff, "greedy_differs": greedy, "compared": count}
+            "max_abs_diff": diff, "greedy_differs": greedy, "compared": count, "min_margin": margin}
 
 
 def row(name: str, plain: dict, fast: dict) -> dict:
@@ -177,6 +185,10 @@ def table(r: dict) -> str:
         lines += ["", f"Whole `evaluate_tasks` call (task building, scoring, metrics), all tasks in one call: "
                       f"{c['wall_s_plain']:.0f} s with lm-eval's HFLM, {c['wall_s_fast']:.0f} s with shared contexts "
                       f"({c['wall_speedup']:.2f}x)."]
+    margin = min(x["min_margin"] for x in rows)
+    lines += ["", f"Smallest gap between a document's best two choices (log-likelihood, or per character as acc_norm "
+                  f"ranks them): {margin:.1e}, against a largest per-request difference of "
+                  f"{max(x['max_abs_diff'] for x in rows):.1e}."]
     fallback = sum(x.get("plain_fallback") or 0 for x in rows)
     lines += ["", f"Requests scored by lm-eval's own path inside the fast run (longer than the model's context): "
                   f"{fallback}. Total benchmark time {m['total_s'] / 60:.1f} min."]
