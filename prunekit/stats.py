@@ -91,15 +91,40 @@ class ChannelSumSq(Statistic):
 
 
 class Hessian(Statistic):
-    """X Xᵀ summed over tokens (SparseGPT's layer Hessian up to the constant 2/N, which cancels)."""
+    """X Xᵀ summed over tokens (SparseGPT's layer Hessian up to the constant 2/N, which cancels).
+
+    From ``2 * PANEL`` features on, a batch adds only the upper triangle, a panel of ``PANEL`` rows at a time
+    (a third fewer multiplications at 1536 features, nearly half at 5632); the lower triangle is copied from it when
+    ``xtx`` is read. Each entry is still one dot product over the batch's tokens added to the running sum, so the
+    matrix equals the full ``addmm``'s (bitwise with MKL on 1 and 2 threads; a BLAS that orders the dot product
+    by output block could differ in the last bit).
+    """
+
+    PANEL = 512
 
     def __init__(self, features: int) -> None:
         super().__init__(features)
-        self.xtx = torch.zeros(features, features, dtype=torch.float64)
+        self._xtx = torch.zeros(features, features, dtype=torch.float64)
+        self._upper_only = False  # the lower triangle lags the upper one (mirrored on read)
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        if self._upper_only:
+            p = self.PANEL
+            for a in range(0, self.features, p):
+                self._xtx[a + p :, a : a + p] = self._xtx[a : a + p, a + p :].T
+            self._upper_only = False
+        return self._xtx
 
     def update(self, x: torch.Tensor, batch: Any = None) -> None:
         rows = self._rows(x)
-        self.xtx.addmm_(rows.T, rows)
+        n, p = self.features, self.PANEL
+        if n < 2 * p:
+            self._xtx.addmm_(rows.T, rows)
+        else:
+            for a in range(0, n, p):
+                self._xtx[a : a + p, a:].addmm_(rows[:, a : a + p].T, rows[:, a:])
+            self._upper_only = True
         self.count += rows.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
