@@ -308,6 +308,8 @@ def _print_saved(out: Path, result: dict) -> None:
         print(f"reload with {result['saved']['loadable_with']}")
         if result["saved"].get("note"):
             print(f"note: {result['saved']['note']}")
+        if result["saved"].get("decode"):
+            print(f"decode fast with {result['saved']['decode']}")
 
 
 def _json_default(o):

@@ -26,10 +26,12 @@ def test_bench_dense_vs_cut(tiny_llama, tmp_path, capsys):
     out = tmp_path / "bench.json"
     ballast = torch.ones(250_000_000)  # 1 GB in this process: the fresh processes' peaks must not include it
     assert main(["bench", "--model", str(tiny_llama), "--pruned", f"[{tmp_path / 'cut'}]", "--batch_sizes", "[1, 2]",
-                 "--prompt_len", "16", "--new_tokens", "4", "--repeats", "2", "--output", str(out)]) == 0
+                 "--prompt_len", "16", "--new_tokens", "4", "--repeats", "2", "--decode", "[static, generate]",
+                 "--output", str(out)]) == 0
     assert "decode speed-up" in capsys.readouterr().out
     rows = json.loads(out.read_text())
-    assert {(r["model"], r["batch"]) for r in rows} == {("llama", 1), ("llama", 2), ("cut", 1), ("cut", 2)}
+    assert {(r["model"], r["decode"], r["batch"]) for r in rows} == {
+        (m, d, b) for m in ("llama", "cut") for d in ("static", "generate") for b in (1, 2)}
     cut = next(r for r in rows if r["model"] == "cut" and r["batch"] == 1)
     assert cut["ideal_speedup"] == pytest.approx(dense_macs / matmul_macs_per_token(model))
     assert cut["ideal_speedup"] > 1.3

@@ -72,7 +72,7 @@ def save_cut(model: nn.Module, folder: str | Path, tokenizer=None) -> dict:
 
     Returns how the folder loads: always with ``prunekit.load_pruned``; also with plain
     ``AutoModelForCausalLM.from_pretrained`` when ``plain_config`` finds a config that states the widths,
-    otherwise ``note`` says why not.
+    otherwise ``note`` says why not; ``decode``: how to decode it fast (``prunekit.fast_generate``).
     """
     folder = Path(folder)
     plain = plain_config(model)
@@ -96,12 +96,14 @@ def write_structure(model: nn.Module, folder: Path, plain) -> dict:
     if isinstance(plain, str):
         record["why_not_plain"] = plain
     (Path(folder) / STRUCTURE_FILE).write_text(json.dumps(record, indent=1))
+    from prunekit.decode import DECODE_HINT
+
     if isinstance(plain, str):
         return {"loadable_with": "prunekit.load_pruned (prunekit eval --model FOLDER)", "plain": False,
                 "note": f"plain AutoModelForCausalLM.from_pretrained (and lm_eval --model hf) cannot load this "
-                        f"folder: {plain}"}
+                        f"folder: {plain}", "decode": DECODE_HINT}
     return {"loadable_with": "transformers.AutoModelForCausalLM.from_pretrained or prunekit.load_pruned",
-            "plain": True}
+            "plain": True, "decode": DECODE_HINT}
 
 
 def plain_config(model: nn.Module):
