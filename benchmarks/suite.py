@@ -77,6 +77,7 @@ def main() -> None:
         args.methods = list(METHODS)
     data = common.data_flags(args)
     task_flags = ["--tasks", f"[perplexity,{args.tasks}]", *(["--limit", f"{args.limit:g}"] if args.limit else [])]
+    tasks_only = ["--tasks", f"[{args.tasks}]", *task_flags[2:]]
     started = time.time()
     rows = []
     structured = args.structured_ratios or args.ratios
@@ -95,8 +96,10 @@ def main() -> None:
             name = method if ratio is None else f"{method}-{int(round(ratio * 100))}"
             pruned = common.run(["prune", *data, *prune_options(method, ratio, args.task_prompts),
                                  "--eval_dense", "false"], work / name, progress, reuse)
-            evaluations[name] = {**common.run(["eval", *data, "--model", str(work / name), *task_flags],
-                                              work / f"{name}-eval", progress, reuse),
+            # the prune step already measured perplexity on the same held-out windows: the eval step scores tasks
+            evaluations[name] = {**_with_perplexity(common.run(["eval", *data, "--model", str(work / name),
+                                                                *tasks_only], work / f"{name}-eval", progress,
+                                                               reuse), pruned["pruned"]),
                                  "prune_s": pruned["pruned"]["calibrate_prune_s"], "method": method,
                                  "ratio": 0.5 if ratio is None else ratio,
                                  "pruned_fraction": max(pruned["pruned"].get("pruned_fraction") or 0,
@@ -143,6 +146,15 @@ def main() -> None:
     metric_vs_ratio(pruned_rows, "average_acc", args.out / f"{args.name}_accuracy.png",
                     title=f"{model}: mean acc over {args.tasks}" + (f" (first {args.limit:g} docs each)" if args.limit else ""),
                     dense=dense["average_acc"])
+
+
+def _with_perplexity(evaluation: dict, pruned: dict) -> dict:
+    """An eval step's metrics with the prune step's perplexity (a plan set's: its members', wiki's in the row)."""
+    if "perplexity" in pruned:
+        return {**evaluation, "perplexity": pruned["perplexity"]}
+    if "wiki" in pruned.get("members", {}):
+        return {**evaluation, "members": {**evaluation.get("members", {}), "wiki": pruned["members"]["wiki"]}}
+    return evaluation
 
 
 def format_table(rows: list[dict], task_names: list[str], meta: dict) -> str:
