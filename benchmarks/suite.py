@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--structured_ratios", nargs="+", type=float, default=None,
                         help="ratios of the structured and task-expert methods (default: --ratios)")
-    parser.add_argument("--tasks", default="seap7", help="comma-separated tasks or groups for prunekit eval")
+    parser.add_argument("--tasks", default="seap7",
+                        help="comma-separated tasks or groups for prunekit eval ('none': perplexity, size and speed only)")
     parser.add_argument("--limit", type=float, default=200, help="documents per task (0 = all)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -78,13 +79,15 @@ def main() -> None:
     data = common.data_flags(args)
     task_flags = ["--tasks", f"[perplexity,{args.tasks}]", *(["--limit", f"{args.limit:g}"] if args.limit else [])]
     tasks_only = ["--tasks", f"[{args.tasks}]", *task_flags[2:]]
+    if args.tasks == "none":  # perplexity, size and speed only: no zero-shot step for the pruned models
+        task_flags, tasks_only = ["--tasks", "[perplexity]"], None
     started = time.time()
     rows = []
     structured = args.structured_ratios or args.ratios
     runs = [(m, None) if m in PATTERNS else (m, r) for m in args.methods
             for r in (structured if m in STRUCTURED or m in TASK_EXPERTS else args.ratios)]
     runs = list(dict.fromkeys(runs))  # a pattern runs once
-    progress = common.Progress(2 + 2 * len(runs))
+    progress = common.Progress(2 + (2 if tasks_only else 1) * len(runs))
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -97,9 +100,10 @@ def main() -> None:
             pruned = common.run(["prune", *data, *prune_options(method, ratio, args.task_prompts),
                                  "--eval_dense", "false"], work / name, progress, reuse)
             # the prune step already measured perplexity on the same held-out windows: the eval step scores tasks
-            evaluations[name] = {**_with_perplexity(common.run(["eval", *data, "--model", str(work / name),
-                                                                *tasks_only], work / f"{name}-eval", progress,
-                                                               reuse), pruned["pruned"]),
+            scored = (common.run(["eval", *data, "--model", str(work / name), *tasks_only], work / f"{name}-eval",
+                                 progress, reuse) if tasks_only else
+                      {k: pruned["pruned"][k] for k in ("params_total", "params_nonzero")})
+            evaluations[name] = {**_with_perplexity(scored, pruned["pruned"]),
                                  "prune_s": pruned["pruned"]["calibrate_prune_s"], "method": method,
                                  "ratio": 0.5 if ratio is None else ratio,
                                  "pruned_fraction": max(pruned["pruned"].get("pruned_fraction") or 0,
@@ -114,7 +118,7 @@ def main() -> None:
         common.command(cmd[1:])
         speed = {r["model"]: r for r in json.loads(bench_out.read_text())}
     dense_name = Path(args.model).name
-    task_names = sorted(evaluations["dense"].get("tasks", {}).get("tasks", {}))
+    task_names = sorted(evaluations["dense"].get("tasks", {}).get("tasks", {})) if tasks_only else []
     for name, ev in evaluations.items():
         folder = dense_name if name == "dense" else name
         if "perplexity" not in ev and "wiki" in ev.get("members", {}):
@@ -143,6 +147,8 @@ def main() -> None:
     model = Path(args.model).name
     metric_vs_ratio(pruned_rows, "perplexity", args.out / f"{args.name}_perplexity.png", title=f"{model}: {meta['perplexity']}",
                     log_scale=True, dense=dense["perplexity"])
+    if not task_names:
+        return
     metric_vs_ratio(pruned_rows, "average_acc", args.out / f"{args.name}_accuracy.png",
                     title=f"{model}: mean acc over {args.tasks}" + (f" (first {args.limit:g} docs each)" if args.limit else ""),
                     dense=dense["average_acc"])
