@@ -84,7 +84,7 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0,
     if gathered:  # the one-time gather is part of the decode time above; also show decoding without it
         row["gather_ms"] = 1000 * gathered["seconds"]
         row["gather_mb"] = gathered["mb"]
-        row["decode_tok_s_excl_gather"] = batch * new_tokens / max(decode - gathered["seconds"], 1e-9)
+        row["decode_tok_s_excl_gather"] = batch * tokens / max(seconds - gathered["seconds"], 1e-9)
     return row
 
 
