@@ -4,11 +4,13 @@
    each pruned once by ``prunekit prune`` (kept in ``--work``); then one ``prunekit bench`` process measures
    batch 1 and 4 along the three decode paths (``--decode generate static compiled``): tokens/s, speed-up,
    the ideal speed-up (ratio of weight multiply-accumulates per token) and measured/ideal.
-2. Size: random Llamas (``prunekit.synthetic``, 8 layers, SmolLM2's tokenizer and tied embeddings) of hidden
-   576 / 1024 / 2048 / 3072 with Llama-like proportions (intermediate ≈ 2.7 × hidden, head size 64-128, GQA),
-   cut to 50% by magnitude-sp (data-free, uniform widths); one ``prunekit bench`` process per size at batch 1:
-   measured/ideal against model size. The fixed per-layer cost (norms, rotary, attention, dispatch) does not grow
-   with width while the matrix products do, so measured/ideal should approach 1 as the model grows.
+2. Size: random Llamas (``prunekit.synthetic``, SmolLM2's tokenizer and tied embeddings) of hidden 576 / 1024 /
+   2048 / 3072 with Llama-like proportions (intermediate ≈ 2.7 × hidden, head size 64-128, GQA), cut to 50% by
+   magnitude-sp (data-free, uniform widths); one ``prunekit bench`` process per size at batch 1: measured/ideal
+   against model size. Depth is chosen so the unpruned LM head takes about SmolLM2's share of the weights (30 / 16
+   / 8 / 6 layers; the 576-wide one is SmolLM2-135M's shape), hence about the same ideal speed-up (≈1.6) at every
+   size. The fixed per-layer cost (norms, rotary, attention, dispatch) does not grow with width while the matrix
+   products grow with its square, so measured/ideal should approach 1 as the model grows.
 
     OMP_NUM_THREADS=2 python benchmarks/decode.py [--work runs/decode-bench] [--lock /tmp/prunekit-bench.lock]
 
@@ -32,8 +34,9 @@ import common
 
 METHODS = {"flap-50": ["--strategy", "flap", "--strategy.sparsity", "0.5"],
            "wanda-sp-50": ["--strategy", "wanda-sp", "--strategy.sparsity", "0.5"]}
-# hidden: (intermediate, query heads, KV heads); 576 is SmolLM2-135M's shape, 3072 Llama-3.2-3B's
-SHAPES = {576: (1536, 9, 3), 1024: (2816, 16, 4), 2048: (5632, 32, 8), 3072: (8192, 24, 8)}
+# hidden: (intermediate, query heads, KV heads, layers); 576 is SmolLM2-135M's shape, 3072 Llama-3.2-3B's widths;
+# layers such that the tied 49152 x hidden head is ~21% of the weights, as in SmolLM2-135M
+SHAPES = {576: (1536, 9, 3, 30), 1024: (2816, 16, 4, 16), 2048: (5632, 32, 8, 8), 3072: (8192, 24, 8, 6)}
 PATHS = ["generate", "static", "compiled"]
 
 
@@ -73,7 +76,7 @@ def make(folder: Path, layers: int, hidden: int) -> Path:
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    intermediate, heads, kv = SHAPES[hidden]
+    intermediate, heads, kv, _ = SHAPES[hidden]
     write_llama(tmp, load_tokenizer("smollm2-135m"), layers=layers, hidden=hidden, intermediate=intermediate,
                 heads=heads, kv_heads=kv, max_positions=2048, tie=True)
     tmp.rename(folder)
@@ -97,16 +100,17 @@ def sizes(args, work: Path, progress: common.Progress) -> list[dict]:
 
     result = []
     for hidden in args.hidden:
-        model = make(work / f"llama-{args.layers}x{hidden}", args.layers, hidden)
-        cut = work / f"llama-{args.layers}x{hidden}-magnitude-sp-50"
+        intermediate, heads, kv, layers = SHAPES[hidden]
+        layers = args.layers or layers
+        model = make(work / f"llama-{layers}x{hidden}", layers, hidden)
+        cut = work / f"llama-{layers}x{hidden}-magnitude-sp-50"
         common.run(["prune", "--model", str(model), "--strategy", "magnitude-sp", "--strategy.sparsity", "0.5",
                     "--data.num_samples", "1", "--data.seq_len", "64", "--data.eval_samples", "1", "--eval_dense",
                     "false"], cut, progress, reuse=True)
         rows = bench(str(model), [cut], work / f"bench-{hidden}.json", [1], args.size_paths, args.size_repeats,
                      progress, args.lock, args.prompt_len, args.new_tokens)
-        intermediate, heads, kv = SHAPES[hidden]
-        result.append({"hidden": hidden, "layers": args.layers, "intermediate": intermediate, "heads": heads,
-                       "kv_heads": kv, "params": llama_params(args.layers, hidden, intermediate, heads, kv, 49152,
+        result.append({"hidden": hidden, "layers": layers, "intermediate": intermediate, "heads": heads,
+                       "kv_heads": kv, "params": llama_params(layers, hidden, intermediate, heads, kv, 49152,
                                                               tie=True), "rows": rows})
         if not args.keep:
             shutil.rmtree(model)
@@ -122,11 +126,11 @@ def main() -> None:
     p.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS, help="Decode paths for SmolLM2.")
     p.add_argument("--size_paths", nargs="+", default=PATHS, choices=PATHS, help="Decode paths for the size scan.")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--size_repeats", type=int, default=3)
+    p.add_argument("--size_repeats", type=int, default=5)
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--hidden", type=int, nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, default=None, help="Depth of every synthetic model (default: SHAPES').")
     p.add_argument("--lock", default=None, help="flock this file around each timing process.")
     p.add_argument("--work", type=Path, default=None, help="Folder for pruned and synthetic models (kept, reused).")
     p.add_argument("--keep", action="store_true", help="Keep the synthetic models and their cuts in --work.")
@@ -187,13 +191,13 @@ def table(r: dict) -> str:
     if r.get("sizes"):
         scan = r["sizes"]
         paths = [p for p in PATHS if any(row["decode"] == p for s in scan for row in s["rows"])]
-        lines += ["", f"Synthetic Llamas ({scan[0]['layers']} layers, vocabulary 49152, tied embeddings, fp32) cut "
-                  "to 50% by magnitude-sp; batch 1, prompt "
+        lines += ["", "Synthetic Llamas (random weights, vocabulary 49152, tied embeddings, fp32) cut to 50% by "
+                  "magnitude-sp; batch 1, prompt "
                   f"{meta['prompt_len']} tokens, {meta['new_tokens']} new tokens, median of {meta['size_repeats']} "
                   "interleaved repetitions", "",
-                  "| hidden | intermediate | heads (KV) | params | ideal | " +
+                  "| hidden | intermediate | heads (KV) | layers | params | ideal | " +
                   " | ".join(f"{p}: dense / cut ms per token | {p}: measured/ideal" for p in paths) + " |",
-                  "|---|---|---|---|---|" + "---|---|" * len(paths)]
+                  "|---|---|---|---|---|---|" + "---|---|" * len(paths)]
         for s in scan:
             dense = next(row for row in s["rows"] if row["ideal_speedup"] == 1)
             cells = []
@@ -203,7 +207,7 @@ def table(r: dict) -> str:
                 cells += [f"{d['latency_ms_per_token']:.1f} / {c['latency_ms_per_token']:.1f}",
                           f"{c['decode_vs_ideal']:.2f}"]
             cut = next(row for row in s["rows"] if row["model"] != dense["model"])
-            lines.append(f"| {s['hidden']} | {s['intermediate']} | {s['heads']} ({s['kv_heads']}) | "
+            lines.append(f"| {s['hidden']} | {s['intermediate']} | {s['heads']} ({s['kv_heads']}) | {s['layers']} | "
                          f"{s['params'] / 1e6:.0f}M | {cut['ideal_speedup']:.2f}x | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
