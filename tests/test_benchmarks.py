@@ -20,7 +20,8 @@ def test_suite_writes_table_json_and_plots_with_progress(tiny_llama, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--model", str(tiny_llama),
                         "--methods", "wanda", "flap", "wanda-2:4", "--ratios", "0.5", "--tasks", "copa", "--limit", "3",
                         "--num_samples", "4", "--seq_len", "32", "--eval_samples", "2", "--repeats", "1",
-                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+                        "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for step in ("[1/8] eval dense-eval", "[2/8] prune wanda-50", "[6/8] prune wanda-2:4", "[8/8] bench"):
         assert step in r.stdout
@@ -34,6 +35,16 @@ def test_suite_writes_table_json_and_plots_with_progress(tiny_llama, tmp_path):
     assert "| wanda-50 | 50% (" in table and "| flap-50 | 50% (" in table
     for name in ("suite_perplexity.png", "suite_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # a later run on a subset, same --work: every step and the speed measurement are reused, nothing recomputed
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--model", str(tiny_llama),
+                        "--methods", "wanda", "--ratios", "0.5", "--tasks", "copa", "--limit", "3", "--num_samples", "4",
+                        "--seq_len", "32", "--eval_samples", "2", "--repeats", "1", "--work", str(tmp_path / "work"),
+                        "--name", "subset", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("reusing") == 4 and "every model measured earlier" in r.stdout
+    subset = json.loads((out / "subset.json").read_text())["rows"]
+    assert subset == rows[:2]
 
 
 def test_seap_benchmark_shares_one_calibration_and_resumes(tmp_path):
