@@ -97,10 +97,12 @@ def data_flags(args: argparse.Namespace) -> list[str]:
             "--data.eval_samples", str(args.eval_samples)]
 
 
-def task_table_head(meta: dict, first: str, head: list[str]) -> list[str]:
-    """Caption and header lines of a task-accuracy table (``meta``: model, limit, perplexity, calibration)."""
+def task_table_head(meta: dict, first: str, head: list[str], tasks: bool = True) -> list[str]:
+    """Caption and header lines of a task-accuracy table (``meta``: model, limit, perplexity, calibration);
+    ``tasks=False``: a table without zero-shot columns (no lm-eval part in the caption)."""
     limit = f"first {meta['limit']:g} documents per task" if meta["limit"] else "all evaluation documents"
-    return [f"{Path(meta['model']).name}: {first}; lm-eval acc, {limit}; perplexity on {meta['perplexity']}; "
+    scored = f"lm-eval acc, {limit}; " if tasks else ""
+    return [f"{Path(meta['model']).name}: {first}; {scored}perplexity on {meta['perplexity']}; "
             f"calibration {meta['calibration']}; {meta['cpu_count']} CPU cores", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 

@@ -106,8 +106,9 @@ def main() -> None:
             evaluations[name] = {**_with_perplexity(scored, pruned["pruned"]),
                                  "prune_s": pruned["pruned"]["calibrate_prune_s"], "method": method,
                                  "ratio": 0.5 if ratio is None else ratio,
-                                 "pruned_fraction": max(pruned["pruned"].get("pruned_fraction") or 0,
-                                                        pruned["pruned"].get("params_removed_fraction") or 0)}
+                                 "pruned_fraction": None if method in DYNAMIC else max(
+                                     pruned["pruned"].get("pruned_fraction") or 0,
+                                     pruned["pruned"].get("params_removed_fraction") or 0)}
             folders[name] = str(work / name)
         bench_out = work / "bench.json"
         cmd = [common.prunekit(), "bench", "--model", args.model, "--pruned", json.dumps(list(folders.values())),
@@ -168,15 +169,18 @@ def _with_perplexity(evaluation: dict, pruned: dict) -> dict:
 
 
 def format_table(rows: list[dict], task_names: list[str], meta: dict) -> str:
-    head = ["model", "ratio (achieved)", "perplexity", *task_names, "average acc", "params (non-zero)", "decode tok/s (b=1)",
-            "pruning (s)"]
-    lines = common.task_table_head(meta, "results suite", head)
+    accuracy = ["average acc"] if task_names else []  # --tasks none: perplexity, size and speed only
+    head = ["model", "ratio (achieved)", "perplexity", *task_names, *accuracy, "params (non-zero)",
+            "decode tok/s (b=1)", "pruning (s)"]
+    lines = common.task_table_head(meta, "results suite", head, tasks=bool(task_names))
     for r in rows:
         t = f"{r['prune_s']:.0f}" if r.get("prune_s") is not None else "-"
-        achieved = f" ({r['pruned_fraction']:.1%})" if r.get("pruned_fraction") else ""  # none: dynamic
-        lines.append(f"| {r['name']} | {r['ratio']:.0%}{achieved} | {r['perplexity']:.2f} | " +
-                     " | ".join(common.acc_cells(r, task_names)) +
-                     f" | {r['params_nonzero'] / 1e6:.1f}M | {r['decode_tok_s']:.1f} ({r['decode_speedup']:.2f}x) | {t} |")
+        # dynamic methods zero nothing in the weights: their ratio is per input, no achieved fraction
+        achieved = f" ({r['pruned_fraction']:.1%})" if r.get("pruned_fraction") else ""
+        accs = common.acc_cells(r, task_names) if task_names else []
+        lines.append(f"| {r['name']} | {r['ratio']:.0%}{achieved} | {r['perplexity']:.2f} | " + "".join(
+            f"{c} | " for c in accs) +
+                     f"{r['params_nonzero'] / 1e6:.1f}M | {r['decode_tok_s']:.1f} ({r['decode_speedup']:.2f}x) | {t} |")
     return "\n".join(lines)
 
 
