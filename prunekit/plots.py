@@ -65,9 +65,13 @@ def _line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, s
                ylabel: str, title: str, dense: float | None, log_scale: bool, markersize: float = 6) -> Path:
     """One line per series of (x, y) points, an optional dashed dense reference, saved as PNG."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=size)
-    for label, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=markersize, label=label)
+    many = len(series) > 6  # then the legend goes beside the axes, and colours/markers stay distinct past ten
+    fig, ax = plt.subplots(figsize=(size[0] + 2.2, size[1]) if many else size)
+    colors = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
+    markers = "osD^vPX*<>"
+    for k, (label, points) in enumerate(series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[k % len(markers)] if many else "o",
+                markersize=markersize, label=label, color=colors[k % len(colors)])
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.3g})")
     if log_scale:
@@ -75,7 +79,10 @@ def _line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, s
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
