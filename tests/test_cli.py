@@ -48,6 +48,7 @@ def test_prune_then_eval_round_trip(tiny_llama, tmp_path, capsys):
     assert metrics["pruned"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert metrics["pruned"]["params_nonzero"] < metrics["dense"]["params_nonzero"]
     assert metrics["dense"]["perplexity"] > 1 and metrics["pruned"]["perplexity"] > 1
+    assert metrics["dense"]["pruned_fraction"] == 0.0  # a random model has no exact zeros
     assert "Wanda" in (out / "config.yaml").read_text()
     assert _digest(tiny_llama) == before, "the source model changed on disk"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")], "temporary folders left behind"
@@ -57,6 +58,14 @@ def test_prune_then_eval_round_trip(tiny_llama, tmp_path, capsys):
     again = json.loads((evals / "metrics.json").read_text())
     assert again["perplexity"] == pytest.approx(metrics["pruned"]["perplexity"], rel=1e-6)
     assert again["sparsity"] == pytest.approx(metrics["pruned"]["sparsity"])
+    # pruning a checkpoint that already has zeros: its dense row counts them, as the pruned row does
+    capsys.readouterr()
+    assert main(["prune", "--model", str(out), "--strategy", "magnitude", "--strategy.sparsity", "0.6", *DATA,
+                 "--save_model", "false", "--output_dir", str(tmp_path / "again")]) == 0
+    dense_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| dense "))
+    assert "50.0%" in dense_row
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["dense"]["pruned_fraction"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_yaml_config_with_dotted_overrides(tiny_models, tmp_path):
