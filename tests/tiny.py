@@ -60,7 +60,10 @@ def make_model(family: str, folder: Path, seed: int = 0, layers: int | None = No
 
     torch.manual_seed(seed)
     cfg = config(family)
-    if layers is not None:
+    if layers is not None and getattr(cfg, "layer_types", None) is not None:
+        # per-layer attention types are fixed at construction (Gemma 3): rebuild them for the new depth
+        cfg = type(cfg)(**{**cfg.to_dict(), "num_hidden_layers": layers, "layer_types": None})
+    elif layers is not None:
         cfg.num_hidden_layers = layers
     model = AutoModelForCausalLM.from_config(cfg)
     folder.mkdir(parents=True, exist_ok=True)
