@@ -15,7 +15,9 @@ and SEAP-gen, calibrated on ``--task_prompts`` answered prompts per task of seap
 input; predictors trained on ``--task_prompts`` task documents per shadow7 task). ``all`` runs every method.
 
 Writes ``<name>.md`` (table), ``<name>.json`` and ``<name>_perplexity.png`` / ``<name>_accuracy.png``; ``--work``
-keeps every run and resumes an interrupted suite.
+keeps every run and resumes an interrupted suite: finished steps are reused, and so is the speed measurement when
+every model of the run was measured in it (a later run with ``--tasks`` over a finished ``--tasks none`` suite
+adds the zero-shot columns without re-timing anything). ``--tasks none``: perplexity, size and speed only.
 """
 
 from __future__ import annotations
