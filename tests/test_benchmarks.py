@@ -77,3 +77,22 @@ def test_seap_benchmark_shares_one_calibration_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert again.returncode == 0 and again.stdout.count("reusing") == 5
 
+
+
+def test_suite_table_without_tasks_has_no_accuracy_and_no_achieved_fraction_for_dynamic_rows(monkeypatch):
+    """``--tasks none``: perplexity, size and speed columns only; a dynamic method zeroes nothing, so its row shows
+    the requested per-input ratio without an achieved fraction."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import suite
+
+    meta = {"model": "m", "limit": 50, "perplexity": "wiki held-out, 2 x 32 tokens", "calibration": "wiki, 4 x 32 tokens",
+            "cpu_count": 2}
+    base = {"params": 10, "params_nonzero": 9e6, "decode_tok_s": 5.0, "decode_speedup": 1.0, "perplexity": 3.0}
+    rows = [{**base, "name": "dense", "method": "dense", "ratio": 0.0, "pruned_fraction": 0.045, "average_acc": 0.5},
+            {**base, "name": "griffin-50", "method": "griffin", "ratio": 0.5, "pruned_fraction": None, "prune_s": 0}]
+    table = suite.format_table(rows, [], meta)
+    assert "average acc" not in table and "lm-eval" not in table
+    assert "| dense | 0% (4.5%) | 3.00 | 9.0M |" in table
+    assert "| griffin-50 | 50% | 3.00 | 9.0M | 5.0 (1.00x) | 0 |" in table
+    with_tasks = suite.format_table([{**rows[0], "acc/copa": 0.6}], ["copa"], meta)
+    assert "| copa | average acc |" in with_tasks and "lm-eval acc, first 50 documents per task" in with_tasks
