@@ -97,6 +97,17 @@ def data_flags(args: argparse.Namespace) -> list[str]:
             "--data.eval_samples", str(args.eval_samples)]
 
 
+def publish(out: Path, stem: str, result: dict, table, plot) -> None:
+    """Write ``<stem>.json`` (``result``), ``<stem>.md`` (``table(result)``) and ``<stem>.png`` (``plot``) into
+    ``out`` and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(result)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(text)
+    plot(result, out / f"{stem}.png")
+    print("\n" + text)
+
+
 def task_table_head(meta: dict, first: str, head: list[str], tasks: bool = True) -> list[str]:
     """Caption and header lines of a task-accuracy table (``meta``: model, limit, perplexity, calibration);
     ``tasks=False``: a table without zero-shot columns (no lm-eval part in the caption)."""

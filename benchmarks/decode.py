@@ -151,11 +151,7 @@ def main() -> None:
     result["meta"]["total_s"] = time.time() - started
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(result, indent=2))
-    (args.out / "decode.md").write_text(table(result))
-    plot(result, args.out / "decode.png")
-    print(table(result))
+    common.publish(args.out, "decode", result, table, plot)
 
 
 def _row(rows: list[dict], model: str, path: str, batch: int) -> dict | None:

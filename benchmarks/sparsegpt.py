@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+
 PATHS = ("reference", "fast")
 
 
@@ -285,11 +287,7 @@ def main() -> None:
     result["total_s"] = time.time() - started
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sparsegpt.json").write_text(json.dumps(result, indent=2))
-    (args.out / "sparsegpt.md").write_text(table(result))
-    plot(result, args.out / "sparsegpt.png")
-    print(table(result))
+    common.publish(args.out, "sparsegpt", result, table, plot)
 
 
 if __name__ == "__main__":

@@ -149,11 +149,7 @@ def main() -> None:
         result = old
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "streaming.json").write_text(json.dumps(result, indent=2))
-    (args.out / "streaming.md").write_text(table(result))
-    plot(result, args.out / "streaming.png")
-    print(table(result))
+    common.publish(args.out, "streaming", result, table, plot)
 
 
 def _per_layer(row: dict) -> float:

@@ -179,10 +179,10 @@ def format_table(rows: list[dict], task_names: list[str], meta: dict) -> str:
         t = f"{r['prune_s']:.0f}" if r.get("prune_s") is not None else "-"
         # dynamic methods zero nothing in the weights: their ratio is per input, no achieved fraction
         achieved = f" ({r['pruned_fraction']:.1%})" if r.get("pruned_fraction") else ""
-        accs = common.acc_cells(r, task_names) if task_names else []
-        lines.append(f"| {r['name']} | {r['ratio']:.0%}{achieved} | {r['perplexity']:.2f} | " + "".join(
-            f"{c} | " for c in accs) +
-                     f"{r['params_nonzero'] / 1e6:.1f}M | {r['decode_tok_s']:.1f} ({r['decode_speedup']:.2f}x) | {t} |")
+        cells = [r["name"], f"{r['ratio']:.0%}{achieved}", f"{r['perplexity']:.2f}",
+                 *(common.acc_cells(r, task_names) if task_names else []), f"{r['params_nonzero'] / 1e6:.1f}M",
+                 f"{r['decode_tok_s']:.1f} ({r['decode_speedup']:.2f}x)", t]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ Writes ``zeroshot.md`` (the README table), ``zeroshot.json`` and ``zeroshot.png`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -150,11 +149,7 @@ def main() -> None:
                                                       "transformers": transformers.__version__},
             "total_s": time.time() - started}
     result = {"meta": meta, "rows": rows, "combined": combined}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "zeroshot.json").write_text(json.dumps(result, indent=2))
-    (args.out / "zeroshot.md").write_text(table(result))
-    plot(result, args.out / "zeroshot.png")
-    print("\n" + table(result))
+    common.publish(args.out, "zeroshot", result, table, plot)
 
 
 def _metric_cell(metrics: dict) -> str:

@@ -78,7 +78,6 @@ def test_seap_benchmark_shares_one_calibration_and_resumes(tmp_path):
     assert again.returncode == 0 and again.stdout.count("reusing") == 5
 
 
-
 def test_suite_table_without_tasks_has_no_accuracy_and_no_achieved_fraction_for_dynamic_rows(monkeypatch):
     """``--tasks none``: perplexity, size and speed columns only; a dynamic method zeroes nothing, so its row shows
     the requested per-input ratio without an achieved fraction."""
