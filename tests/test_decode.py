@@ -176,3 +176,25 @@ def test_cut_folder_says_how_to_decode_fast(tiny_llama, tmp_path):
                  "false", "--trainer.logger", "false", "--output_dir", str(tmp_path / "cut")]) == 0
     record = json.loads((tmp_path / "cut" / "prunekit.json").read_text())
     assert "prunekit.fast_generate" in record["loading"]["decode"]
+
+
+@pytest.mark.real
+def test_fast_paths_give_generate_tokens_on_a_cut_smollm2():
+    """The real SmolLM2-135M cut unevenly (as FLAP's adaptive allocation leaves it): the static and compiled paths
+    decode the same greedy tokens as transformers' generate from real prompts: one sequence (static) and a
+    left-padded pair (static and compiled)."""
+    from prunekit.models import load_tokenizer
+    from prunekit.module import PrunableLM
+
+    model, tokenizer = PrunableLM("smollm2-135m").model.eval(), load_tokenizer("smollm2-135m")
+    for layer in range(0, 30, 3):
+        cut_mlp_channels(model, layer, range(0, 1536, 2))
+        cut_attention_heads(model, layer + 1, range(6))  # drops the last of three KV groups (3 query heads each)
+    prompts = ["The capital of France is", "Water boils at a temperature of"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for ids, mask in ((batch.input_ids[:1, -5:], None), (batch.input_ids, batch.attention_mask)):
+        expected = _greedy(model, ids, mask, new=16, pad=pad)
+        for mode in ("static", "compiled") if mask is not None else ("static",):  # one compilation: the padded pair
+            got = fast_generate(model, ids, 16, attention_mask=mask, eos_token_id=None, pad_token_id=pad, mode=mode)
+            assert torch.equal(got, expected), (mode, ids.shape)
